@@ -1,0 +1,259 @@
+"""Training data: caption files, up-front checks, preprocessing, latent/text caching, batching.
+
+A dataset folder holds the images (in `images/`, or the folder itself) and one caption file:
+- `captions.json` as a mapping `{"file.png": "caption", ...}`, or a list of records
+  `[{"file_name"|"image"|"file": ..., "text"|"caption": ...}, ...]`;
+- `metadata.jsonl` (Hugging Face imagefolder): one `{"file_name": ..., "text": ...}` per line.
+Pixels are NHWC float32 in [-1, 1]. Latents are NHWC, unscaled (VAE mean/std before the
+scaling factor is applied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+CAPTION_FILES = ("captions.json", "metadata.jsonl")
+_FILE_KEYS = ("file_name", "image", "file", "filename", "path")
+_TEXT_KEYS = ("text", "caption", "prompt")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    caption: str
+
+
+def _records_from_json(obj, source: Path) -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        return [(str(k), v if isinstance(v, str) else "") for k, v in obj.items()]
+    if isinstance(obj, list):
+        out = []
+        for i, rec in enumerate(obj):
+            if not isinstance(rec, dict):
+                raise DataError(f"{source}: entry {i} is not an object with a file name and a caption")
+            f = next((rec[k] for k in _FILE_KEYS if k in rec), None)
+            t = next((rec[k] for k in _TEXT_KEYS if k in rec), "")
+            if f is None:
+                raise DataError(f"{source}: entry {i} has no file name (one of {', '.join(_FILE_KEYS)})")
+            out.append((str(f), t if isinstance(t, str) else ""))
+        return out
+    raise DataError(f"{source}: expected a mapping {{file: caption}} or a list of records")
+
+
+def read_captions(data_dir: str | Path) -> tuple[Path, list[tuple[str, str]]]:
+    """Return (images folder, [(file name, caption)]) for a dataset folder."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: training data folder not found")
+    images = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+    for folder in (data_dir, images):
+        cj, mj = folder / "captions.json", folder / "metadata.jsonl"
+        if cj.exists():
+            try:
+                return images, _records_from_json(json.loads(cj.read_text(encoding="utf-8")), cj)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{cj}: invalid JSON ({e})") from None
+        if mj.exists():
+            recs = []
+            for n, line in enumerate(mj.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    recs += _records_from_json([json.loads(line)], Path(f"{mj}:{n}"))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{mj} line {n}: invalid JSON ({e})") from None
+            return (mj.parent, recs)
+    raise DataError(f"{data_dir}: no captions.json or metadata.jsonl (in the folder or in images/)")
+
+
+def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list[str]]:
+    """Check every entry up front: file exists, decodes fully, caption not empty.
+
+    Returns (usable samples, one message per skipped entry). With `strict`, any problem raises.
+    """
+    images, records = read_captions(data_dir)
+    good, problems = [], []
+    seen = set()
+    for name, caption in records:
+        path = images / name
+        if name in seen:
+            problems.append(f"{name}: listed twice (the first entry is used)")
+            continue
+        seen.add(name)
+        if not caption.strip():
+            problems.append(f"{name}: empty caption")
+            continue
+        if not path.is_file():
+            problems.append(f"{name}: file not found in {images}")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()  # full decode: catches truncated/corrupt files that open() accepts
+        except Exception as e:
+            problems.append(f"{name}: unreadable image ({type(e).__name__}: {e})")
+            continue
+        good.append(Sample(path, caption.strip()))
+    if strict and problems:
+        raise DataError(f"{len(problems)} problem(s) in {data_dir} (--strict_data):\n  " + "\n  ".join(problems))
+    for p in problems:
+        logger.warning("skipping %s", p)
+    if not good:
+        raise DataError(f"{data_dir}: no usable images ({len(problems)} entries skipped)" +
+                        ("".join(f"\n  {p}" for p in problems[:20])))
+    return good, problems
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparency is composited on white (product photos are on white)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in im.info or im.mode in ("RGBA", "LA", "PA")):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def preprocess(path: Path, resolution: int, center_crop: bool = True, flip: bool = False,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    """Image file -> [resolution, resolution, 3] float32 in [-1, 1].
+
+    Shorter side resized to `resolution` (bilinear, as the diffusers training scripts do),
+    then a center (or random) square crop, optionally mirrored.
+    """
+    with Image.open(path) as im:
+        im = to_rgb(im)
+    w, h = im.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    im = im.resize((nw, nh), Image.BILINEAR)
+    if center_crop or rng is None:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+    im = im.crop((left, top, left + resolution, top + resolution))
+    x = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return x[:, ::-1] if flip else x
+
+
+def dataset_fingerprint(samples: list[Sample], *parts) -> str:
+    """Content key for caches: file names, sizes, mtimes, captions and the settings given."""
+    h = hashlib.sha256()
+    for s in samples:
+        st = s.path.stat()
+        h.update(f"{s.path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{s.caption}\n".encode())
+    for p in parts:
+        h.update(f"{p}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), so resume is exact."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def atomic_save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- encoding and caches
+
+
+@dataclass
+class EncodedData:
+    """What the train step consumes, for every sample: posterior mean/std and text embeddings.
+
+    `mean`/`std` are [N, h, w, 4] (and `mean_flip`/`std_flip` for the mirrored images when
+    flipping), `text` is [U, 77, D] for the U unique captions, `caption_index` maps sample -> row.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    text: np.ndarray
+    caption_index: np.ndarray
+    mean_flip: np.ndarray | None = None
+    std_flip: np.ndarray | None = None
+
+
+def encode_images(vae, paths: list[Path], resolution: int, flip: bool, batch_size: int = 4,
+                  progress: bool = True):
+    """VAE posterior (mean, std) of each image, NHWC float32 numpy; `flip` encodes the mirror."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    encode = mx.compile(lambda x: vae.encode(x))
+    means, stds = [], []
+    for i in tqdm(range(0, len(paths), batch_size), desc="encoding images" + (" (mirrored)" if flip else ""),
+                  disable=not progress, unit="batch"):
+        x = np.stack([preprocess(p, resolution, flip=flip) for p in paths[i:i + batch_size]])
+        mean, logvar = encode(mx.array(x))
+        std = mx.exp(0.5 * logvar)
+        mx.eval(mean, std)
+        means.append(np.array(mean))
+        stds.append(np.array(std))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def encode_captions(text_encoder, tokenizer, captions: list[str], batch_size: int = 16,
+                    progress: bool = True):
+    """Embeddings of the unique captions [U, 77, D] and the sample -> row index."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    unique = sorted(set(captions))
+    row = {c: i for i, c in enumerate(unique)}
+    out = []
+    for i in tqdm(range(0, len(unique), batch_size), desc="encoding captions", disable=not progress, unit="batch"):
+        e = text_encoder(mx.array(tokenizer(unique[i:i + batch_size])))
+        mx.eval(e)
+        out.append(np.array(e))
+    return np.concatenate(out), np.array([row[c] for c in captions], dtype=np.int64)
+
+
+def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], resolution: int, flip: bool,
+                   load_vae, load_text, tokenizer, progress: bool = True) -> EncodedData:
+    """Encode the dataset once; with `cache_dir`, reuse `cache_dir/encoded-<key>.npz` when present.
+
+    `load_vae`/`load_text` are called only when encoding is needed, and their models are
+    dropped before returning, so the training loop holds neither.
+    """
+    path = cache_dir / f"encoded-{key}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            with np.load(path) as z:
+                data = EncodedData(**{k: z[k] for k in z.files})
+            if len(data.mean) == len(samples) and (data.mean_flip is not None) == flip:
+                logger.info("using cached latents and text embeddings: %s", path)
+                return data
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable cache %s (%s)", path, e)
+    vae = load_vae()
+    mean, std = encode_images(vae, [s.path for s in samples], resolution, False, progress=progress)
+    mean_f = std_f = None
+    if flip:
+        mean_f, std_f = encode_images(vae, [s.path for s in samples], resolution, True, progress=progress)
+    del vae
+    text_encoder = load_text()
+    text, index = encode_captions(text_encoder, tokenizer, [s.caption for s in samples], progress=progress)
+    del text_encoder
+    data = EncodedData(mean, std, text, index, mean_f, std_f)
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(path, **{k: v for k, v in data.__dict__.items() if v is not None})
+    return data

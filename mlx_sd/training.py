@@ -1,0 +1,150 @@
+"""The training step: loss, compiled gradient accumulation and update, LR schedules.
+
+Latents are NHWC. `grad_step` adds one micro-batch's gradients to an accumulator and
+`apply_update` turns the accumulated sum into one AdamW update (mean over micro-batches, so
+batch b x accumulation k equals one batch of b*k), with global-norm clipping. Both are compiled
+with explicit state (`unet.state`, `optimizer.state`, `mx.random.state`): noise, timesteps and
+latent sampling draw from MLX's global key, which a checkpoint saves and restores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from .schedulers import NoiseSchedule
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def lr_factor(name: str, warmup: int, total: int, num_cycles: float | None = None, power: float = 1.0,
+              lr_end_ratio: float = 1e-7 / 1e-4) -> Callable[[mx.array], mx.array]:
+    """Multiplier of the base LR at optimizer step `s` (0 = first update), as diffusers' get_scheduler."""
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr scheduler {name!r}; choose from {', '.join(LR_SCHEDULERS)}")
+    w = float(max(warmup, 0))
+    T = float(max(total, 1))
+
+    def warm(s):
+        return s / max(1.0, w)
+
+    def f(step):
+        s = mx.array(step, dtype=mx.float32)
+        if name == "constant":
+            return mx.ones_like(s)
+        if name == "constant_with_warmup":
+            return mx.where(s < w, warm(s), 1.0)
+        progress = (s - w) / max(1.0, T - w)
+        if name == "linear":
+            after = mx.maximum(0.0, (T - s) / max(1.0, T - w))
+        elif name == "cosine":
+            c = 0.5 if num_cycles is None else num_cycles
+            after = mx.maximum(0.0, 0.5 * (1.0 + mx.cos(math.pi * c * 2.0 * progress)))
+        elif name == "cosine_with_restarts":
+            c = 1.0 if num_cycles is None else num_cycles
+            after = mx.where(progress >= 1.0, 0.0,
+                             mx.maximum(0.0, 0.5 * (1.0 + mx.cos(math.pi * ((c * progress) % 1.0)))))
+        else:  # polynomial decay to lr_end (diffusers: lr_end=1e-7 absolute; given here as a ratio)
+            after = mx.where(s > T, lr_end_ratio,
+                             (1 - lr_end_ratio) * (1 - progress) ** power + lr_end_ratio)
+        return mx.where(s < w, warm(s), after)
+
+    return f
+
+
+def make_optimizer(lr: float, schedule: str, warmup: int, total: int, betas=(0.9, 0.999),
+                   weight_decay: float = 1e-2, eps: float = 1e-8, num_cycles: float | None = None,
+                   power: float = 1.0) -> optim.AdamW:
+    """AdamW with torch's semantics (bias correction on) and the LR schedule folded in."""
+    factor = lr_factor(schedule, warmup, total, num_cycles, power, lr_end_ratio=1e-7 / lr)
+    return optim.AdamW(learning_rate=lambda step: lr * factor(step), betas=list(betas), eps=eps,
+                       weight_decay=weight_decay, bias_correction=True)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    snr_gamma: float = 0.0  # min-SNR weighting (0 = off)
+    noise_offset: float = 0.0
+    scaling_factor: float = 0.18215
+
+
+def loss_fn(unet: nn.Module, latents: mx.array, ctx: mx.array, noise: mx.array, t: mx.array,
+            schedule: NoiseSchedule, snr_gamma: float = 0.0) -> mx.array:
+    """MSE between the UNet's prediction and the target (noise, or v), in float32."""
+    noisy = schedule.add_noise(latents, noise, t)
+    pred = unet(noisy, t, ctx).astype(mx.float32)
+    target = schedule.target(latents, noise, t).astype(mx.float32)
+    per_sample = mx.mean(mx.square(pred - target), axis=(1, 2, 3))
+    if snr_gamma > 0:  # min-SNR-gamma (Hang et al. 2023), as diffusers' training scripts weight it
+        snr = schedule.snr(t)
+        w = mx.minimum(snr, snr_gamma)
+        w = w / (snr + 1.0) if schedule.prediction_type == "v_prediction" else w / snr
+        per_sample = per_sample * w
+    return mx.mean(per_sample)
+
+
+def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float):
+    noise = mx.random.normal(latents.shape, dtype=latents.dtype)
+    if noise_offset > 0:
+        B, _, _, C = latents.shape
+        noise = noise + noise_offset * mx.random.normal((B, 1, 1, C), dtype=latents.dtype)
+    t = mx.random.randint(0, schedule.num_train_timesteps, (latents.shape[0],))
+    return noise, t
+
+
+def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float) -> mx.array:
+    """One draw from the VAE posterior N(mean, std^2), scaled for the UNet."""
+    return (mean + std * mx.random.normal(mean.shape, dtype=mean.dtype)) * scaling_factor
+
+
+class TrainStep:
+    """Compiled `grad_step` / `apply_update` pair for a LoRA-injected UNet."""
+
+    def __init__(self, unet: nn.Module, optimizer: optim.Optimizer, schedule: NoiseSchedule,
+                 loss: LossConfig, grad_accum: int = 1, max_grad_norm: float = 1.0, compile: bool = True):
+        self.unet, self.optimizer, self.schedule = unet, optimizer, schedule
+        self.grad_accum = grad_accum
+        value_and_grad = nn.value_and_grad(
+            unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
+
+        def grad_step(mean, std, ctx, acc):
+            latents = sample_latents(mean, std, loss.scaling_factor)
+            noise, t = draw_noise(latents, schedule, loss.noise_offset)
+            value, grads = value_and_grad(unet, latents, ctx, noise, t)
+            return value, tree_map(mx.add, acc, grads)
+
+        def apply_update(acc):
+            grads = tree_map(lambda g: g / grad_accum, acc)
+            if max_grad_norm > 0:
+                grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+            else:
+                norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in _leaves(grads)))
+            optimizer.update(unet, grads)
+            return norm
+
+        state = [unet.state, optimizer.state, mx.random.state]
+        if compile:
+            grad_step = partial(mx.compile, inputs=state, outputs=state)(grad_step)
+            apply_update = partial(mx.compile, inputs=state, outputs=state)(apply_update)
+        self.grad_step, self.apply_update = grad_step, apply_update
+
+    def zero_grads(self):
+        return tree_map(mx.zeros_like, self.unet.trainable_parameters())
+
+    def lr(self) -> float:
+        """The LR the next update will use."""
+        sched = self.optimizer._schedulers.get("learning_rate")
+        return float(sched(self.optimizer.step)) if sched else float(self.optimizer.learning_rate)
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
