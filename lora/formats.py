@@ -104,7 +104,7 @@ def _str_metadata(adapter: Adapter) -> dict[str, str]:
 
 
 def _save(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.stem + ".tmp.safetensors")  # MLX appends .safetensors to other names
     mx.save_safetensors(str(tmp), {k: v.astype(mx.float32) for k, v in tensors.items()}, metadata=metadata)
     os.replace(tmp, path)
 

@@ -4,7 +4,8 @@ Latents are NHWC. `grad_step` adds one micro-batch's gradients to an accumulator
 `apply_update` turns the accumulated sum into one AdamW update (mean over micro-batches, so
 batch b x accumulation k equals one batch of b*k), with global-norm clipping. Both are compiled
 with explicit state (`unet.state`, `optimizer.state`, `mx.random.state`): noise, timesteps and
-latent sampling draw from MLX's global key, which a checkpoint saves and restores.
+latent sampling draw from MLX's global key, which train.py seeds from (seed, micro-batch index)
+before every micro-batch, so a resumed run draws exactly what the uninterrupted one drew.
 """
 
 from __future__ import annotations
@@ -108,15 +109,20 @@ class TrainStep:
     """Compiled `grad_step` / `apply_update` pair for a LoRA-injected UNet."""
 
     def __init__(self, unet: nn.Module, optimizer: optim.Optimizer, schedule: NoiseSchedule,
-                 loss: LossConfig, grad_accum: int = 1, max_grad_norm: float = 1.0, compile: bool = True):
+                 loss: LossConfig, grad_accum: int = 1, max_grad_norm: float = 1.0, compile: bool = True,
+                 draw: Callable | None = None, sample: Callable | None = None):
+        """`draw(latents) -> (noise, t)` and `sample(mean, std) -> latents` replace the random
+        draws (tests use per-sample deterministic ones to compare batchings)."""
         self.unet, self.optimizer, self.schedule = unet, optimizer, schedule
+        draw = draw or (lambda lat: draw_noise(lat, schedule, loss.noise_offset))
+        sample = sample or (lambda mean, std: sample_latents(mean, std, loss.scaling_factor))
         self.grad_accum = grad_accum
         value_and_grad = nn.value_and_grad(
             unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
 
         def grad_step(mean, std, ctx, acc):
-            latents = sample_latents(mean, std, loss.scaling_factor)
-            noise, t = draw_noise(latents, schedule, loss.noise_offset)
+            latents = sample(mean, std)
+            noise, t = draw(latents)
             value, grads = value_and_grad(unet, latents, ctx, noise, t)
             return value, tree_map(mx.add, acc, grads)
 

@@ -1,0 +1,66 @@
+"""Validation images during training: fixed prompts and seeds, so steps are comparable.
+
+Files: `validation/epoch{e:03d}_step{s:04d}_prompt{p}_img{i}.png` (p, i from 0) and one
+`epoch{e:03d}_step{s:04d}_grid.png` per validation (a row per prompt). The text encoder and VAE
+are loaded for the validation and dropped afterwards; the UNet is the one being trained (LoRA
+unfused), so nothing is copied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from PIL import Image
+
+DEFAULT_PROMPTS = (
+    "A professional product photo of black casual shoes on white background, high quality, product photography",
+    "A professional product photo of brown leather casual shoes on white background, high quality",
+    "A professional product photo of white casual sneakers on white background, centered, product photography",
+    "A professional product photo of blue casual shoes on white background, modern design, product photography",
+)
+
+
+def image_name(epoch: int, step: int, prompt: int, image: int) -> str:
+    return f"epoch{epoch:03d}_step{step:04d}_prompt{prompt}_img{image}.png"
+
+
+def grid(images: list[Image.Image], rows: int) -> Image.Image:
+    cols = -(-len(images) // rows)
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, im in enumerate(images):
+        out.paste(im, ((k % cols) * w, (k // cols) * h))
+    return out
+
+
+def _save(im: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
+                   num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
+                   guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
+                   progress: bool = False) -> list[Path]:
+    from .pipeline import StableDiffusion
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
+    # The same seed for image i of prompt p at every validation: changes come from training only.
+    seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
+    images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps, guidance_scale=guidance_scale,
+                           sampler=sampler, seed=seeds, height=resolution, width=resolution,
+                           batch_size=min(4, len(seeds)), progress=progress)
+    files = []
+    for k, im in enumerate(images):
+        p, i = divmod(k, num_images)
+        path = out_dir / image_name(epoch, step, p, i)
+        _save(im, path)
+        files.append(path)
+    _save(grid(images, rows=len(prompts)), out_dir / f"epoch{epoch:03d}_step{step:04d}_grid.png")
+    del pipe, images
+    mx.clear_cache()  # sampling buffers go back before training resumes
+    return files
