@@ -31,7 +31,7 @@ class ModelFolder:
         if not self.path.is_dir():
             raise ModelFolderError(f"{self.path}: model folder not found")
         if not (self.path / MARKER).exists():
-            if (self.path / "model_index.json").exists() and (self.path / "unet" / "config.json").exists():
+            if list((self.path / "unet").glob("diffusion_pytorch_model*")):
                 raise ModelFolderError(
                     f"{self.path} is a diffusers folder, not a converted MLX model: "
                     f"run `python -m convert {self.path} OUT_DIR` (train.py does this for you)"

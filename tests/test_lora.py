@@ -55,8 +55,8 @@ def _randomize(unet, seed):
     key = mx.random.key(seed)
     for _, layer in sorted(lora_layers(unet).items()):
         k1, k2, key = mx.random.split(key, 3)
-        layer.lora_A.weight = mx.random.normal(layer.lora_A.weight.shape, key=k1) * 0.2
-        layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape, key=k2) * 0.2
+        layer.lora_A.weight = mx.random.normal(layer.lora_A.weight.shape, key=k1) * 0.1
+        layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape, key=k2) * 0.1
     mx.eval(unet.parameters())
 
 
