@@ -51,9 +51,14 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
     pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
     # The same seed for image i of prompt p at every validation: changes come from training only.
     seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
-    images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps, guidance_scale=guidance_scale,
-                           sampler=sampler, seed=seeds, height=resolution, width=resolution,
-                           batch_size=min(4, len(seeds)), progress=progress)
+    was_training = unet.training
+    unet.eval()  # no LoRA dropout while sampling
+    try:
+        images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps, guidance_scale=guidance_scale,
+                               sampler=sampler, seed=seeds, height=resolution, width=resolution,
+                               batch_size=min(4, len(seeds)), progress=progress)
+    finally:
+        unet.train(was_training)
     files = []
     for k, im in enumerate(images):
         p, i = divmod(k, num_images)

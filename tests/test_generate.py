@@ -1,0 +1,145 @@
+"""mlx-sd-generate: output folder = a training set, resumable bulk runs, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import mlx_sd  # noqa: F401  (fast BLAS before mlx.core)
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_sd import generate as gen
+from mlx_sd.data import read_captions
+from mlx_sd.pipeline import StableDiffusion
+
+PROMPTS = ["a photo of black casual shoes", "white sneakers on white background"]
+FAST = ["--steps", "2", "--height", "64", "--width", "64", "--seed", "7"]
+
+
+def args(model, out, *extra):
+    return ["--model", str(model), "--output_dir", str(out), *FAST, *extra]
+
+
+def test_writes_images_and_captions(tiny_mlx_dir, tmp_path):
+    pf = tmp_path / "prompts.json"
+    pf.write_text(json.dumps(PROMPTS))
+    out = tmp_path / "out"
+    assert gen.main(args(tiny_mlx_dir, out, "--prompts_file", str(pf), "--batch_size", "2")) == 0
+
+    images_dir, records = read_captions(out)
+    assert images_dir == out / "images"
+    assert records == [("prompt00000_img000.png", PROMPTS[0]), ("prompt00001_img000.png", PROMPTS[1])]
+    assert sorted(p.name for p in images_dir.iterdir()) == [r[0] for r in records]  # no temp files left
+    for name, _ in records:
+        with Image.open(images_dir / name) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+            assert f"Seed: {gen.image_seed(7, int(name[6:11]), 0)}" in im.text["parameters"]
+    assert json.loads((out / "generation.json").read_text())["steps"] == 2
+
+
+def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bulk"
+    cmd = args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num_images_per_prompt", "2")
+    names = [gen.image_name(p, i) for p in range(2) for i in range(2)]
+
+    # First run: Ctrl-C arrives while the third image is being saved.
+    real_save, saves = gen._save_png, []
+
+    def save_then_interrupt(image, path, parameters):
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        saves.append(path.name)
+        real_save(image, path, parameters)
+
+    monkeypatch.setattr(gen, "_save_png", save_then_interrupt)
+    assert gen.main(cmd) == 130
+    assert "Re-run the same command" in capsys.readouterr().err
+    assert saves == names[:2]
+    assert sorted(p.name for p in (out / "images").iterdir()) == names[:2]
+    assert json.loads((out / "captions.json").read_text()) == {names[0]: PROMPTS[0], names[1]: PROMPTS[0]}
+    mtimes = {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]}
+
+    # Second run: only the two missing images are made.
+    monkeypatch.setattr(gen, "_save_png", real_save)
+    made = []
+    real_generate = StableDiffusion.generate
+
+    def counting(self, prompts, *a, **kw):
+        made.extend(prompts)
+        return real_generate(self, prompts, *a, **kw)
+
+    monkeypatch.setattr(StableDiffusion, "generate", counting)
+    assert gen.main(cmd) == 0
+    assert made == [PROMPTS[1], PROMPTS[1]]
+    assert {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]} == mtimes
+
+    images_dir, records = read_captions(out)
+    assert records == [(n, PROMPTS[p]) for n, p in zip(names, (0, 0, 1, 1))]
+    assert sorted(p.name for p in images_dir.iterdir()) == names
+
+    # A third run has nothing left to do.
+    made.clear()
+    assert gen.main(cmd) == 0
+    assert made == []
+
+    # Any image can be made again alone from its derived seed.
+    monkeypatch.setattr(StableDiffusion, "generate", real_generate)
+    sd = StableDiffusion.from_folder(tiny_mlx_dir)
+    again = sd.generate(PROMPTS[1], steps=2, height=64, width=64, seed=gen.image_seed(7, 1, 1))[0]
+    with Image.open(images_dir / names[3]) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(again))
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_mlx_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(out / "images" / gen.image_name(0, 0))
+    (out / "generation.json").write_text(json.dumps({"steps": 2, "sampler": "pndm"}))
+    assert gen.main(args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps: 2 -> 3" in err
+    # Existing images made from other prompts are refused too.
+    (out / "generation.json").unlink()
+    (out / "captions.json").write_text(json.dumps({gen.image_name(0, 0): "something else"}))
+    assert gen.main(args(tiny_mlx_dir, out, "--prompt", PROMPTS[0])) == 2
+    assert "other prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    (None, ["--prompt", "x", "--model", "{tmp}/no_such_model"], "model folder not found"),
+    ("empty.txt", ["--prompts_file", "{tmp}/empty.txt"], "no prompts in it"),
+    ("bad.json", ["--prompts_file", "{tmp}/bad.json"], "expected a JSON list of strings"),
+    (None, [], "no prompts: give --prompt"),
+    (None, ["--prompt", "x", "--lora", "{tmp}/missing_adapter:zero"], "expected PATH or PATH:SCALE"),
+    (None, ["--prompt", "x", "--lora", "{tmp}/missing_adapter:0.5"], "not found"),
+])
+def test_clear_errors(tiny_mlx_dir, tmp_path, capsys, setup, flags, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.json").write_text(json.dumps({"prompt": "x"}))
+    argv = ["--model", str(tiny_mlx_dir), "--output_dir", str(tmp_path / "out")]
+    argv += [f.format(tmp=tmp_path) for f in flags]
+    assert gen.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "captions.json").exists()  # refused before touching the output
+
+
+def test_lora_spec_parsing(tmp_path):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"")
+    assert gen.parse_lora(str(f)) == (f, 1.0)
+    assert gen.parse_lora(f"{f}:0.75") == (f, 0.75)
+    assert gen.parse_lora(f"{f}:-1") == (f, -1.0)
+
+
+def test_seeds_depend_only_on_place():
+    s = {gen.image_seed(0, p, i) for p in range(20) for i in range(5)}
+    assert len(s) == 100
+    assert gen.image_seed(0, 3, 1) == gen.image_seed(0, 3, 1) != gen.image_seed(1, 3, 1)
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "mlx_sd.generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--model", "--prompts_file", "--lora", "--num_images_per_prompt", "--batch_size", "--sampler"):
+        assert flag in r.stdout
