@@ -80,8 +80,8 @@ def save_checkpoint(root: Path, step: int, unet: nn.Module, optimizer: optim.Opt
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # a re-save of the same step (e.g. after resume): replace whole
-            shutil.rmtree(final)
+        if final.exists():  # a re-save of the same step: move the old one out of the way first
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
@@ -89,11 +89,19 @@ def save_checkpoint(root: Path, step: int, unet: nn.Module, optimizer: optim.Opt
         raise
     if total_limit and total_limit > 0:
         for _, old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".checkpoint-*.tmp-*"):  # leftovers of killed saves
+            _discard(old)
+    for stale in root.glob(".checkpoint-*"):  # leftovers of killed saves and deletions
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Rename first (atomic), then delete: a kill mid-delete leaves no half checkpoint behind."""
+    trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_resume(arg: str, root: Path) -> Path | None:
