@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the UNet, VAE and CLIP text encoder are built from small configs with
 random (seeded) weights, the CLIP tokenizer's vocab/merges files are written here, and the
-scheduler config is SD1.5's own (tests/data/sd15/scheduler). The UNet keeps SD1.5's block
+scheduler config is SD1.5's own (mlx_sd/configs/sd15/scheduler). The UNet keeps SD1.5's block
 structure (3 cross-attention down blocks + 1 plain, mid block, 1 plain + 3 cross-attention up
 blocks, 2 resnets per block), only narrower.
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data"
-SD15 = DATA / "sd15"
+from mlx_sd.configs import SD15  # the published SD1.5 configs and tokenizer, shipped with the package
 
 TINY_UNET = dict(
     sample_size=16,

@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTextModel as TorchCLIPTextModel
 from transformers import CLIPTokenizer
 
-from fixtures import DATA
+from fixtures import SD15
 from mlx_sd.models import ModelFolder
 from mlx_sd.tokenizer import Tokenizer
 
@@ -22,7 +22,7 @@ PROMPTS = [
 
 @pytest.mark.parametrize("folder", ["real", "tiny"])
 def test_token_ids_match_transformers(folder, tiny_diffusers_dir):
-    path = DATA / "sd15" / "tokenizer" if folder == "real" else tiny_diffusers_dir / "tokenizer"
+    path = SD15 / "tokenizer" if folder == "real" else tiny_diffusers_dir / "tokenizer"
     ref = CLIPTokenizer.from_pretrained(str(path))
     expected = ref(PROMPTS, padding="max_length", max_length=ref.model_max_length, truncation=True).input_ids
     ids = Tokenizer(path)(PROMPTS)
@@ -31,7 +31,7 @@ def test_token_ids_match_transformers(folder, tiny_diffusers_dir):
 
 
 def test_real_vocab_known_ids():
-    ids = Tokenizer(DATA / "sd15" / "tokenizer")(
+    ids = Tokenizer(SD15 / "tokenizer")(
         "a professional product photo of black casual shoes on white background, high quality"
     )[0]
     want = [49406, 320, 4774, 4306, 1125, 539, 1449, 10129, 4079, 525, 1579, 5994, 267, 1400, 3027, 49407]
@@ -40,7 +40,7 @@ def test_real_vocab_known_ids():
 
 
 def test_long_prompt_is_truncated_with_eos_last(caplog):
-    tok = Tokenizer(DATA / "sd15" / "tokenizer")
+    tok = Tokenizer(SD15 / "tokenizer")
     ids = tok(PROMPTS[3])[0]
     assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 77
     assert "truncated" in caplog.text

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import DATA
+from fixtures import SD15
 from lora import LoRAConfig, fuse_lora, inject_lora, lora_layers, trainable_count
 from lora.formats import (
     DIFFUSERS_WEIGHTS,
@@ -76,7 +76,7 @@ def trained_like(tiny_mlx_dir):
 
 @pytest.mark.slow
 def test_sd15_trainable_count_matches_peft():
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(DATA / "sd15" / "unet" / "config.json")))
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json")))
     paths = inject_lora(unet, LoRAConfig(r=8, alpha=16))
     assert len(paths) == 128
     assert trainable_count(unet) == 1_594_368
