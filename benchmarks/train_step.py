@@ -1,0 +1,146 @@
+"""One LoRA training step, MLX vs diffusers+peft, side by side (SD1.5 UNet shape, float32).
+
+Both sides: the real SD1.5 UNet config with random weights, LoRA r=8 alpha=16 on
+to_q/to_k/to_v/to_out.0 (1,594,368 trainable parameters), AdamW, MSE on epsilon with DDPM
+noise at uniform timesteps, 77x768 text embeddings. MLX runs the product's compiled step
+(`mlx_sd.training.TrainStep`); torch runs the same step the original PyTorch script does.
+Each (framework, shape) runs in a fresh process so peak RSS is its own; the two frameworks
+alternate shape by shape. Reported: median s/step over the timed steps after warm-up, MLX's
+allocator peak, process peak RSS, and the ratio MLX/torch.
+
+    python benchmarks/train_step.py                      # 256 and 512 px, batch 1
+    python benchmarks/train_step.py --sizes 256 --batches 1 2 --checkpointing both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MLX_WORKER = r"""
+import mlx_sd, json, resource, statistics, sys, time
+import mlx.core as mx
+from mlx_sd import blas
+from mlx_sd.config import UNetConfig, read_json
+from mlx_sd.configs import SD15
+from mlx_sd.unet import UNet2DConditionModel
+from mlx_sd.schedulers import NoiseSchedule
+from mlx_sd.training import LossConfig, TrainStep, make_optimizer
+from lora import LoRAConfig, inject_lora, trainable_count
+size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
+mx.random.seed(0)
+unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json")), gradient_checkpointing=bool(ckpt))
+inject_lora(unet, LoRAConfig(r=8, alpha=16))
+mx.eval(unet.parameters())
+schedule = NoiseSchedule(read_json(SD15 / "scheduler" / "scheduler_config.json"))
+step = TrainStep(unet, make_optimizer(1e-4, "constant", 0, 100), schedule, LossConfig())
+h = size // 8
+mean, std = mx.random.normal((batch, h, h, 4)), mx.full((batch, h, h, 4), 0.1)
+ctx = mx.random.normal((batch, 77, 768))
+mx.eval(mean, std, ctx)
+mx.reset_peak_memory()
+times = []
+for i in range(warmup + steps):
+    t = time.perf_counter()
+    loss, acc = step.grad_step(mean, std, ctx, step.zero_grads())
+    norm = step.apply_update(acc)
+    mx.eval(loss, norm, unet.trainable_parameters(), step.optimizer.state)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": times[0], "loss": loss.item(),
+                  "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "trainable": trainable_count(unet), "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
+"""
+
+TORCH_WORKER = r"""
+import json, resource, statistics, sys, time
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+sys.path.insert(0, sys.argv[6])
+from mlx_sd.configs import SD15
+size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
+torch.manual_seed(0)
+unet = UNet2DConditionModel.from_config(json.loads((SD15 / "unet" / "config.json").read_text()))
+unet.requires_grad_(False)
+unet.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+if ckpt:
+    unet.enable_gradient_checkpointing()
+unet.train()
+params = [p for p in unet.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+sched = DDPMScheduler.from_config(json.loads((SD15 / "scheduler" / "scheduler_config.json").read_text()))
+h = size // 8
+latents, ctx = torch.randn(batch, 4, h, h), torch.randn(batch, 77, 768)
+times = []
+for i in range(warmup + steps):
+    t = time.perf_counter()
+    noise = torch.randn_like(latents)
+    ts = torch.randint(0, 1000, (batch,))
+    pred = unet(sched.add_noise(latents, noise, ts), ts, ctx).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": times[0], "loss": loss.item(), "peak_gb": None,
+                  "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "trainable": sum(p.numel() for p in params),
+                  "backend": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}))
+"""
+
+
+def run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args), str(ROOT)], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt(v, unit=""):
+    return "n/a" if v is None else f"{v:.2f}{unit}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in px")
+    p.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off", help="gradient checkpointing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (MLX compiles in the first)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--only", choices=["mlx", "torch"], help="run one side only")
+    args = p.parse_args()
+    ckpts = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
+    rows = []
+    for size in args.sizes:
+        for batch in args.batches:
+            for ck in ckpts:
+                shape = (size, batch, ck, args.warmup, args.steps)
+                m = run(MLX_WORKER, *shape) if args.only != "torch" else {"error": "skipped"}
+                t = run(TORCH_WORKER, *shape) if args.only != "mlx" else {"error": "skipped"}
+                rows.append((size, batch, ck, m, t))
+                print(f"{size}px b{batch} ckpt={'on' if ck else 'off'}: MLX {json.dumps(m)}\n"
+                      f"{'':>20} torch {json.dumps(t)}", flush=True)
+    backends = {r[3].get("backend") for r in rows if "backend" in r[3]} | {r[4].get("backend") for r in rows if "backend" in r[4]}
+    print("\n" + "; ".join(sorted(b for b in backends if b)))
+    print(f"{'shape':<22}{'MLX s/step':>11}{'torch s/step':>13}{'ratio':>7}{'MLX peak':>10}{'MLX RSS':>9}{'torch RSS':>10}")
+    for size, batch, ck, m, t in rows:
+        ratio = m["s_step"] / t["s_step"] if "s_step" in m and "s_step" in t else None
+        label = f"{size}px b{batch} ckpt {'on' if ck else 'off'}"
+        print(f"{label:<22}{fmt(m.get('s_step')):>11}{fmt(t.get('s_step')):>13}{fmt(ratio, 'x'):>7}"
+              f"{fmt(m.get('peak_gb'), ' GB'):>10}{fmt(m.get('rss_gb'), ' GB'):>9}{fmt(t.get('rss_gb'), ' GB'):>10}")
+        for side, r in (("MLX", m), ("torch", t)):
+            if "error" in r and r["error"] != "skipped":
+                print(f"    {side} failed: {r['error']}")
+
+
+if __name__ == "__main__":
+    main()
