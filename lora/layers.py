@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_sd.weights import set_by_path
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -69,7 +71,9 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.dropout(x) if self.dropout is not None else x
-        return self.base_layer(x) + self.scale * self.lora_B(self.lora_A(h))
+        # The adapter computes in its own dtype (float32) even over a low-precision base.
+        delta = self.scale * self.lora_B(self.lora_A(h.astype(self.lora_A.weight.dtype)))
+        return self.base_layer(x) + delta.astype(x.dtype)
 
     def delta_weight(self) -> mx.array:
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
@@ -94,17 +98,6 @@ def default_predicate(targets: tuple[str, ...]) -> Callable[[str, nn.Module], bo
     return pred
 
 
-def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
-    *parents, last = path.split(".")
-    node = model
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if isinstance(node, list):
-        node[int(last)] = new
-    else:
-        setattr(node, last, new)
-
-
 def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig(),
                 predicate: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
     """Replace every matching nn.Linear with a LoRALinear, freeze the rest; return the paths.
@@ -120,7 +113,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig(),
     for p in sorted(paths):
         layer = LoRALinear.from_base(mods[p], config.r, config.alpha, config.dropout, config.init)
         layer.base_layer.freeze()
-        _set_child(model, p, layer)
+        set_by_path(model, p, layer)
     return sorted(paths)
 
 
@@ -145,5 +138,5 @@ def fuse_lora(model: nn.Module) -> int:
     """Fold every LoRALinear back into a plain Linear in place; returns how many were fused."""
     layers = lora_layers(model)
     for path, layer in layers.items():
-        _set_child(model, path, layer.fuse())
+        set_by_path(model, path, layer.fuse())
     return len(layers)

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from mlx_sd.weights import set_by_path
 from lora.formats import adapter_from_model, export_adapter, load_adapter, load_into_lora_layers
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -132,17 +133,6 @@ def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, con
                               f"({len(set(opt) ^ set(expected))} keys differ)")
     # In place: compiled train steps hold a reference to this very state tree.
     for key, value in opt.items():
-        _assign(optimizer.state, key, value.astype(expected[key].dtype))
+        set_by_path(optimizer.state, key, value.astype(expected[key].dtype))
     mx.eval(unet.parameters(), optimizer.state)
     return state
-
-
-def _assign(tree, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = tree
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value

@@ -352,6 +352,8 @@ class UNet2DConditionModel(nn.Module):
         if H % factor or W % factor:
             raise ValueError(f"UNet: latent size {H}x{W} must be divisible by {factor} "
                              f"(image size divisible by {8 * factor} for SD)")
+        dtype = self.conv_in.weight.dtype  # a low-precision base runs its activations low too
+        sample, encoder_hidden_states = sample.astype(dtype), encoder_hidden_states.astype(dtype)
         timesteps = mx.array(timesteps) if not isinstance(timesteps, mx.array) else timesteps
         timesteps = mx.broadcast_to(timesteps.reshape(-1), (B,))
         cfg = self.config

@@ -47,3 +47,12 @@ def load_strict(model: nn.Module, weights: dict[str, mx.array] | str | Path, sou
         dtype_fixed[k] = v.astype(expected[k].dtype) if v.dtype != expected[k].dtype else v
     model.load_weights(list(dtype_fixed.items()), strict=True)
     return model
+
+
+def set_by_path(tree, dotted: str, value) -> None:
+    """`tree[a][0][b] = value` for `dotted="a.0.b"`, over modules, dicts and lists, in place."""
+    *parents, last = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[int(last) if isinstance(node, list) else last] = value
