@@ -67,7 +67,7 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ConversionError(f"{path}: expected a diffusers folder (single-file checkpoints are not supported yet)")
+            raise ConversionError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt single file")
         return path
     text = str(source)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
@@ -137,56 +137,59 @@ def _build_model(comp: str, config: dict):
     return AutoencoderKL(VAEConfig.from_diffusers(config))
 
 
-def convert_component(folder: Path, comp: str, out: Path, dtype=mx.float32) -> None:
+def write_component(comp: str, tensors: dict[str, mx.array], config_file: Path, out: Path,
+                    dtype=mx.float32, source: str = "") -> None:
+    """Diffusers-named tensors of one component -> `out/comp/` (MLX layout), strictly checked."""
     from mlx_sd.weights import check_weights
 
-    config = json.loads((folder / comp / "config.json").read_text())
+    config = json.loads(Path(config_file).read_text())
+    weights = {k: v.astype(dtype) for k, v in diffusers_to_mlx(comp, tensors).items()}
+    check_weights(_build_model(comp, config), weights, source=source or comp)
+    (out / comp).mkdir(parents=True)
+    mx.save_safetensors(str(out / comp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    shutil.copyfile(config_file, out / comp / "config.json")
+
+
+def convert_component(folder: Path, comp: str, out: Path, dtype=mx.float32) -> None:
     tensors = {}
     for f in _weights_path(folder, comp):
         tensors.update(mx.load(str(f)))
-    weights = {k: v.astype(dtype) for k, v in diffusers_to_mlx(comp, tensors).items()}
-    check_weights(_build_model(comp, config), weights, source=str(folder / comp))
-    (out / comp).mkdir(parents=True)
-    mx.save_safetensors(str(out / comp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    shutil.copyfile(folder / comp / "config.json", out / comp / "config.json")
+    write_component(comp, tensors, folder / comp / "config.json", out, dtype, source=str(folder / comp))
 
 
 def is_converted(folder: Path) -> bool:
     return (Path(folder) / MARKER).exists()
 
 
-def convert_pipeline(source: str | Path, out_dir: str | Path, *, force: bool = False,
-                     dtype: str = "float32", revision: str | None = None, progress: bool = False) -> Path:
-    """Convert a diffusers folder or Hub repo id into an MLX model folder at `out_dir`.
-
-    The result is assembled in a sibling temporary folder and renamed into place, so `out_dir`
-    is either absent, the previous complete conversion, or the new complete one.
-    """
+def check_out_dir(out_dir: str | Path, force: bool) -> Path:
+    """The resolved output folder, if it may be written: absent, or a conversion to replace."""
     out_dir = Path(out_dir).expanduser().resolve()
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     if out_dir.exists():
         if not force:
             raise ConversionError(f"{out_dir} already exists; pass --force to replace it")
         if not is_converted(out_dir) and any(out_dir.iterdir()):
             raise ConversionError(f"{out_dir} exists and is not a converted model folder; refusing to replace it")
-    folder = resolve_source(source, revision)
-    inspect_diffusers_folder(folder)
+    return out_dir
 
+
+def write_marker(folder: Path, source: str, dtype: str, **extra) -> None:
+    marker = {"format": "mlx-sd", "version": FORMAT_VERSION, "source": source, "dtype": dtype, **extra}
+    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def write_folder_atomically(out_dir: Path, fill) -> Path:
+    """Run `fill(tmp)` on a sibling temporary folder, then rename it to `out_dir`.
+
+    `out_dir` is either absent, the previous complete folder, or the new complete one; a
+    failure (or Ctrl-C) inside `fill` leaves no trace.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        for comp in tqdm(COMPONENTS, desc="converting", disable=not progress):
-            convert_component(folder, comp, tmp, DTYPES[dtype])
-        for sub in ("tokenizer", "scheduler"):
-            shutil.copytree(folder / sub, tmp / sub)
-        if (folder / "model_index.json").exists():
-            shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
-        marker = {"format": "mlx-sd", "version": FORMAT_VERSION, "source": str(source), "dtype": dtype}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        fill(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
@@ -198,3 +201,39 @@ def convert_pipeline(source: str | Path, out_dir: str | Path, *, force: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def convert_pipeline(source: str | Path, out_dir: str | Path, *, force: bool = False,
+                     dtype: str = "float32", revision: str | None = None, progress: bool = False,
+                     filename: str | None = None, config: str | Path | None = None,
+                     allow_pickle: bool = False, prefer_ema: bool = True) -> Path:
+    """Convert a diffusers folder, a Hub repo id or a single-file checkpoint into `out_dir`.
+
+    A local `.safetensors`/`.ckpt` file, or a repo id with `filename`, goes to
+    `convert.single_file.convert_single_file` (which uses `config`, `allow_pickle`,
+    `prefer_ema`). The result is assembled in a sibling temporary folder and renamed into place.
+    """
+    if filename is not None or Path(source).expanduser().is_file():
+        from .single_file import convert_single_file
+
+        return convert_single_file(source, out_dir, filename=filename, config=config, force=force, dtype=dtype,
+                                   revision=revision, allow_pickle=allow_pickle, prefer_ema=prefer_ema,
+                                   progress=progress)
+    if config is not None:
+        raise ConversionError("--config applies to single-file checkpoints; a diffusers folder brings its own configs")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    out_dir = check_out_dir(out_dir, force)
+    folder = resolve_source(source, revision)
+    inspect_diffusers_folder(folder)
+
+    def fill(tmp: Path) -> None:
+        for comp in tqdm(COMPONENTS, desc="converting", disable=not progress):
+            convert_component(folder, comp, tmp, DTYPES[dtype])
+        for sub in ("tokenizer", "scheduler"):
+            shutil.copytree(folder / sub, tmp / sub)
+        if (folder / "model_index.json").exists():
+            shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
+        write_marker(tmp, str(source), dtype)
+
+    return write_folder_atomically(out_dir, fill)
