@@ -340,18 +340,17 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
     """
     from mlx.utils import tree_flatten
 
+    from convert.folder import write_folder_atomically
     from mlx_sd.models import MARKER, ModelFolder
 
     from .layers import fuse_lora
 
     src = ModelFolder(src_folder).path
-    out_dir = Path(out_dir)
     if lora_layers(unet):
         fuse_lora(unet)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.safetensors", MARKER))
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.safetensors", MARKER), dirs_exist_ok=True)
         for comp in ("text_encoder", "vae"):
             shutil.copyfile(src / comp / "model.safetensors", tmp / comp / "model.safetensors")
         mx.save_safetensors(str(tmp / "unet" / "model.safetensors"), dict(tree_flatten(unet.parameters())),
@@ -359,14 +358,5 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
         info = json.loads((src / MARKER).read_text())
         info["fused_from"] = str(src)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_folder_atomically(Path(out_dir), fill)
