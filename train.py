@@ -8,7 +8,8 @@ The dataset's VAE latents and CLIP embeddings are computed once and cached (keye
 the loop then runs only the UNet with LoRA. Outputs in --output_dir: `lora_weights/` (PEFT,
 diffusers and kohya files), `checkpoints/`, `validation/`, `logs/<timestamp>/`.
 Ctrl-C finishes the current step, writes a checkpoint and exits; `--resume_from_checkpoint
-latest` continues the run exactly.
+latest` continues the run exactly. Several Macs: start it with `mlx.launch` (README, "Several
+Macs"); each rank trains on its share of every global batch and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from tqdm import tqdm
 
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
-from mlx_sd import blas
-from mlx_sd.checkpoint import (CheckpointError, load_checkpoint, resolve_resume, save_checkpoint)
+from mlx_sd import blas, distributed
+from mlx_sd.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume,
+                               save_checkpoint)
 from mlx_sd.data import DataError, dataset_fingerprint, epoch_order, load_or_encode, preprocess, scan
 from mlx_sd.logs import MetricsLog, plot_loss, read_metrics, setup_logging
 from mlx_sd.models import ModelFolder, resolve_model
@@ -159,11 +161,15 @@ class StopFlag:
 
 
 class Batches:
-    """Micro-batch `c` of the run, from any position: epoch = c // per_epoch, order fixed by the seed."""
+    """Micro-batch `c` of the run, from any position: epoch = c // per_epoch, order fixed by the seed.
+
+    `batch` is the global micro-batch (--train_batch_size x ranks); rank r trains on its r-th slice.
+    """
 
     def __init__(self, n: int, batch: int, seed: int, flip: bool):
         if n < batch:
-            raise DataError(f"{n} usable images is fewer than --train_batch_size {batch}")
+            raise DataError(f"{n} usable images is fewer than one global batch of {batch} "
+                            "(--train_batch_size x the number of ranks)")
         self.n, self.batch, self.seed, self.flip = n, batch, seed, flip
         self.per_epoch = n // batch  # the last partial batch of an epoch is dropped
 
@@ -183,27 +189,46 @@ def main(argv=None) -> int:
     from mlx_sd.models import ModelFolderError
     from mlx_sd.weights import WeightsError
 
+    world = distributed.init()
     try:
-        return train(args)
+        return train(args, world)
     except (DataError, ModelFolderError, ConversionError, CheckpointError, AdapterError, ConfigError,
-            WeightsError) as e:
+            WeightsError, distributed.DistributedError) as e:
         logger.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{world.tag}error: {e}", file=sys.stderr)
+        if isinstance(e, distributed.DistributedError):  # raised on every rank at once: all report
+            world.any(False)  # before any exits (mlx.launch kills the others when one exits)
         return 2
+    except RuntimeError as e:  # a rank died while the others were starting up
+        why = world.lost(e)
+        if why is None:
+            raise
+        print(f"{world.tag}error: {why}; the run stops before training", file=sys.stderr)
+        return 1
 
 
-def train(args) -> int:
+# Flags that may differ between ranks: paths (their contents are compared instead) and display.
+LOCAL_FLAGS = ("config", "pretrained_model_name_or_path", "train_data_dir", "output_dir", "resume_from_checkpoint",
+               "no_progress", "report_to")
+
+
+def train(args, world: distributed.World) -> int:
     out = Path(args.output_dir).expanduser()
     run_logs = out / "logs" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    setup_logging(run_logs)
-    show = not args.no_progress
-    print(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
+    main_rank = world.main  # only rank 0 prints progress and writes logs, checkpoints and outputs
+    if main_rank:
+        setup_logging(run_logs)
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs for the run
+    show = not args.no_progress and main_rank
+    say = print if main_rank else (lambda *a, **k: None)
+    say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
 
     # Data first: a bad dataset should fail before minutes of model loading.
     samples, skipped = scan(args.train_data_dir, strict=args.strict_data)
     for s in skipped:
-        print(f"skipped {s}")
-    print(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {args.train_data_dir}")
+        say(f"skipped {s}")
+    say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {args.train_data_dir}")
 
     model_dir = resolve_model(args.pretrained_model_name_or_path)
     folder = ModelFolder(model_dir)
@@ -212,10 +237,19 @@ def train(args) -> int:
     vae_config = folder.config("vae")
     scaling = float(vae_config.get("scaling_factor", 0.18215))
     lora_cfg = LoRAConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
-    run_config = {**vars(args), "model": str(folder.info.get("source", model_dir)), "model_dir": str(model_dir)}
-    (run_logs / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    run_config = {**vars(args), "model": str(folder.info.get("source", model_dir)), "model_dir": str(model_dir),
+                  "world_size": world.size}
+    if main_rank:
+        (run_logs / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    distributed.check_same_run(world, distributed.code_digest(Path(__file__)), distributed.data_digest(samples),
+                               distributed.model_digest(folder.path),
+                               {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS})
+    if world.size > 1:
+        say(f"data parallel: {world.size} ranks; global batch {args.train_batch_size} x "
+            f"{args.gradient_accumulation_steps} accumulation x {world.size} ranks = "
+            f"{args.train_batch_size * args.gradient_accumulation_steps * world.size} images per update")
 
-    batches = Batches(len(samples), args.train_batch_size, args.seed, args.random_flip)
+    batches = Batches(len(samples), args.train_batch_size * world.size, args.seed, args.random_flip)
     updates_per_epoch = max(1, batches.per_epoch // args.gradient_accumulation_steps)
     if args.max_train_steps:
         max_steps = args.max_train_steps
@@ -244,34 +278,40 @@ def train(args) -> int:
     from mlx.utils import tree_flatten
 
     n_total = sum(v.size for _, v in tree_flatten(unet.parameters()))
-    print(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} on {', '.join(lora_cfg.targets)}: "
-          f"{n_train:,} trainable of {n_total:,} UNet parameters ({100 * n_train / n_total:.4f}%)")
+    say(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} on {', '.join(lora_cfg.targets)}: "
+        f"{n_train:,} trainable of {n_total:,} UNet parameters ({100 * n_train / n_total:.4f}%)")
     optimizer = make_optimizer(args.learning_rate, args.lr_scheduler, args.lr_warmup_steps, max_steps,
                                (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon,
                                args.lr_num_cycles, args.lr_power)
 
     start_step = 0
     ckpt_root = out / "checkpoints"
-    if args.resume_from_checkpoint:
+    if args.resume_from_checkpoint and main_rank:  # the other ranks get rank 0's state below
         path = resolve_resume(args.resume_from_checkpoint, ckpt_root)
         if path is None:
-            print(f"no checkpoint in {ckpt_root}; starting from step 0")
+            say(f"no checkpoint in {ckpt_root}; starting from step 0")
         else:
             state = load_checkpoint(path, unet, optimizer, run_config)
             start_step = state["step"]
-            print(f"resumed from {path} at step {start_step}")
+            say(f"resumed from {path} at step {start_step}")
+    start_step = distributed.share_training_state(world, unet, optimizer, start_step)
     stepper = TrainStep(unet, optimizer, schedule, LossConfig(args.snr_gamma, args.noise_offset, scaling),
-                        args.gradient_accumulation_steps, args.max_grad_norm)
+                        args.gradient_accumulation_steps, args.max_grad_norm,
+                        group=world.group if world.size > 1 else None)
+    b, offset = args.train_batch_size, world.rank * args.train_batch_size
 
     def micro_batch(c: int):
         epoch, idx, flips = batches(c)
+        idx, flips = idx[offset:offset + b], flips[offset:offset + b]  # this rank's slice
         if data is not None:
             mean = np.where(flips[:, None, None, None], data.mean_flip[idx], data.mean[idx]) if args.random_flip else data.mean[idx]
             std = np.where(flips[:, None, None, None], data.std_flip[idx], data.std[idx]) if args.random_flip else data.std[idx]
             ctx = data.text[data.caption_index[idx]]
             return epoch, mx.array(mean), mx.array(std), mx.array(ctx)
-        rng = np.random.default_rng([args.seed, c, 2])
-        px = np.stack([preprocess(samples[i].path, args.resolution, args.center_crop, bool(f), rng) for i, f in zip(idx, flips)])
+        # Random crops: one generator per position in the global batch, the same on any rank.
+        px = np.stack([preprocess(samples[i].path, args.resolution, args.center_crop, bool(f),
+                                  np.random.default_rng([args.seed, c, 2, offset + j]))
+                       for j, (i, f) in enumerate(zip(idx, flips))])
         mean, logvar = encode_image(mx.array(px))
         ctx = text_encoder(mx.array(tokenizer([samples[i].caption for i in idx])))
         return epoch, mean, mx.exp(0.5 * logvar), ctx
@@ -290,10 +330,10 @@ def train(args) -> int:
         return float(np.mean(losses)), acc, epoch
 
     if args.check:
-        return setup_check(args, stepper, one_update, unet, n_train, max_steps)
+        return setup_check(args, stepper, one_update, unet, n_train, max_steps, say)
 
     prompts = validation_prompts(args)
-    metrics = MetricsLog(run_logs, args.report_to)
+    metrics = MetricsLog(run_logs, args.report_to) if main_rank else None
     stop = StopFlag()
     last_saved = start_step
     epoch = start_step * args.gradient_accumulation_steps // batches.per_epoch
@@ -301,15 +341,17 @@ def train(args) -> int:
 
     def checkpoint(step):
         nonlocal last_saved
+        last_saved = step
+        if not main_rank:
+            return None
         state = {"step": step, "epoch": epoch, "micro_batch": step * args.gradient_accumulation_steps,
                  "next_lr": stepper.lr(), "config": run_config}
         path = save_checkpoint(ckpt_root, step, unet, optimizer, state, args.checkpoints_total_limit)
-        last_saved = step
         logger.info("saved %s", path)
         return path
 
     def validate(step):
-        if args.no_validation or not prompts:
+        if args.no_validation or not prompts or not main_rank:
             return
         from mlx_sd.validation import run_validation
 
@@ -327,6 +369,7 @@ def train(args) -> int:
         while step < max_steps:
             t0 = time.perf_counter()
             loss, acc, epoch = one_update(step)
+            loss = world.mean(loss)  # the global batch's loss: every rank takes the same branch
             if not math.isfinite(loss):
                 if args.skip_nan_steps:
                     skipped_nan += 1
@@ -338,7 +381,7 @@ def train(args) -> int:
                        f"{ckpt_root / f'checkpoint-{last_saved}' if last_saved else 'none'}; "
                        "try a lower --learning_rate, or --skip_nan_steps")
                 logger.error(msg)
-                print(f"error: {msg}", file=sys.stderr)
+                say(f"error: {msg}", file=sys.stderr)
                 status = 1
                 break
             lr = stepper.lr()
@@ -346,43 +389,60 @@ def train(args) -> int:
             mx.eval(unet.trainable_parameters(), optimizer.state, norm)
             step += 1
             dt = time.perf_counter() - t0
-            metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                           "s_per_step": dt, "peak_memory_gb": mx.get_peak_memory() / 1e9})
+            if metrics:
+                metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm.item(),
+                               "s_per_step": dt, "peak_memory_gb": mx.get_peak_memory() / 1e9})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{dt:.2f}")
             bar.update(1)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint(step)
             if args.validation_steps and step % args.validation_steps == 0 and step < max_steps:
                 validate(step)
-            if stop.signal is not None:
+            if world.any(stop.signal is not None):  # all ranks stop after the same step
                 if last_saved != step:
                     checkpoint(step)
-                print(f"stopped at step {step}; resume with --resume_from_checkpoint latest "
-                      f"--output_dir {out}", file=sys.stderr)
+                world.any(False)  # wait for rank 0's checkpoint: a rank that exits first gets the others killed
+                say(f"stopped at step {step}; resume with --resume_from_checkpoint latest "
+                    f"--output_dir {out}", file=sys.stderr)
                 return 130 if stop.signal == signal.SIGINT else 143
+    except RuntimeError as e:
+        why = world.lost(e)
+        if why is None:
+            raise
+        last = latest_checkpoint(ckpt_root) if main_rank else None
+        where = (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet") \
+            if main_rank else "rank 0 holds the checkpoints"
+        msg = (f"{why}. The whole run stops at step {step + 1}; {where}. Run the same command with "
+               "--resume_from_checkpoint latest to continue")
+        logger.error(msg)
+        print(f"{world.tag}error: {msg}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
 
     if status:
         return status
     if last_saved != step:
         checkpoint(step)
+    if not main_rank:
+        return 0
     meta = {"steps": step, "base_model": run_config["model"], "dropout": args.lora_dropout, "init": "gaussian",
             "rank": args.lora_rank, "alpha": args.lora_alpha, "resolution": args.resolution}
     written = export_adapter(adapter_from_model(unet, meta), out / "lora_weights")
     validate(step)
     curve = plot_loss(read_metrics(run_logs / "metrics.jsonl"), run_logs / "loss_curve.png")
     if args.save_fused_pipeline:
-        print(f"fused model: {save_fused_model(folder.path, unet, out / 'final_pipeline')}")
+        say(f"fused model: {save_fused_model(folder.path, unet, out / 'final_pipeline')}")
     if skipped_nan:
-        print(f"{skipped_nan} update(s) skipped for non-finite loss")
-    print(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}")
-    print(f"logs: {run_logs}" + (f" (loss curve {curve.name})" if curve else ""))
+        say(f"{skipped_nan} update(s) skipped for non-finite loss")
+    say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}")
+    say(f"logs: {run_logs}" + (f" (loss curve {curve.name})" if curve else ""))
     return 0
 
 
-def setup_check(args, stepper, one_update, unet, n_train, max_steps) -> int:
+def setup_check(args, stepper, one_update, unet, n_train, max_steps, say=print) -> int:
     """One forward+backward on a real batch; report loss, memory and time estimates."""
     mx.reset_peak_memory()
     timings = []
@@ -391,16 +451,16 @@ def setup_check(args, stepper, one_update, unet, n_train, max_steps) -> int:
         loss, acc, _ = one_update(i)
         timings.append(time.perf_counter() - t)
         if not math.isfinite(loss):
-            print(f"check FAILED: loss is {loss} on the first batch")
+            say(f"check FAILED: loss is {loss} on the first batch")
             return 1
     per_step = timings[-1]
-    print(f"trainable parameters: {n_train:,}")
-    print(f"loss on the first batches: {loss:.5f} (finite)")
-    print(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
-    print(f"peak memory (MLX): {mx.get_peak_memory() / 1e9:.2f} GB")
-    print(f"time per update: {per_step:.2f} s (first, with compilation: {timings[0]:.2f} s)")
-    print(f"estimated run: {max_steps} updates ~ {per_step * max_steps / 3600:.2f} h plus validations")
-    print("check passed")
+    say(f"trainable parameters: {n_train:,}")
+    say(f"loss on the first batches: {loss:.5f} (finite)")
+    say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
+    say(f"peak memory (MLX): {mx.get_peak_memory() / 1e9:.2f} GB")
+    say(f"time per update: {per_step:.2f} s (first, with compilation: {timings[0]:.2f} s)")
+    say(f"estimated run: {max_steps} updates ~ {per_step * max_steps / 3600:.2f} h plus validations")
+    say("check passed")
     return 0
 
 

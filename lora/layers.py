@@ -68,9 +68,20 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout_p = dropout
+        # Data-parallel training (set_batch_shard): x holds rows [shard*b, (shard+1)*b) of a batch
+        # of shards*b, and the dropout mask is drawn for the whole batch, as one process would.
+        self.shard, self.shards = 0, 1
+
+    def _dropout(self, x: mx.array) -> mx.array:
+        if self.shards == 1 or not self.training:
+            return self.dropout(x)
+        keep, b = 1 - self.dropout_p, x.shape[0]  # nn.Dropout's arithmetic, for identical values
+        mask = mx.random.bernoulli(keep, (self.shards * b, *x.shape[1:]))[self.shard * b:(self.shard + 1) * b]
+        return (mask * x) * (1 / keep)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.dropout(x) if self.dropout is not None else x
+        h = self._dropout(x) if self.dropout is not None else x
         # The adapter computes in its own dtype (float32) even over a low-precision base.
         delta = self.scale * self.lora_B(self.lora_A(h.astype(self.lora_A.weight.dtype)))
         return self.base_layer(x) + delta.astype(x.dtype)
@@ -119,6 +130,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig(),
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_batch_shard(model: nn.Module, shard: int, shards: int) -> None:
+    """Data-parallel training: this process holds rows [shard*b, (shard+1)*b) of each batch of
+    shards*b, so LoRA dropout draws masks for the whole batch and keeps those rows."""
+    for layer in lora_layers(model).values():
+        layer.shard, layer.shards = shard, shards
 
 
 def lora_state(model: nn.Module) -> dict[str, mx.array]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    # Host and pid: ranks of a data-parallel run may share this folder over a network disk.
+    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)

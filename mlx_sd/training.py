@@ -6,6 +6,9 @@ batch b x accumulation k equals one batch of b*k), with global-norm clipping. Bo
 with explicit state (`unet.state`, `optimizer.state`, `mx.random.state`): noise, timesteps and
 latent sampling draw from MLX's global key, which train.py seeds from (seed, micro-batch index)
 before every micro-batch, so a resumed run draws exactly what the uninterrupted one drew.
+Data-parallel (`group` of N ranks, see mlx_sd.distributed): a rank holds rows [r*b, (r+1)*b) of a
+global micro-batch of N*b, draws every random tensor for all N*b rows and keeps its own (`rows`),
+and `apply_update` averages the gradients over the ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
+
+from lora.layers import set_batch_shard
 
 from .schedulers import NoiseSchedule
 
@@ -91,18 +96,29 @@ def loss_fn(unet: nn.Module, latents: mx.array, ctx: mx.array, noise: mx.array, 
     return mx.mean(per_sample)
 
 
-def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float):
-    noise = mx.random.normal(latents.shape, dtype=latents.dtype)
+def rows(draw: Callable[[tuple], mx.array], shape: tuple, shard: tuple[int, int] = (0, 1)) -> mx.array:
+    """`draw(shape)` for this rank's rows of the global batch: rank r of n draws for all n*b rows
+    and keeps [r*b, (r+1)*b), so every sample gets the values a single process would give it."""
+    r, n = shard
+    if n == 1:
+        return draw(shape)
+    b = shape[0]
+    return draw((n * b, *shape[1:]))[r * b:(r + 1) * b]
+
+
+def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, shard: tuple[int, int] = (0, 1)):
+    noise = rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
     if noise_offset > 0:
         B, _, _, C = latents.shape
-        noise = noise + noise_offset * mx.random.normal((B, 1, 1, C), dtype=latents.dtype)
-    t = mx.random.randint(0, schedule.num_train_timesteps, (latents.shape[0],))
+        noise = noise + noise_offset * rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C), shard)
+    t = rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
     return noise, t
 
 
-def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float) -> mx.array:
+def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float, shard: tuple[int, int] = (0, 1)) -> mx.array:
     """One draw from the VAE posterior N(mean, std^2), scaled for the UNet."""
-    return (mean + std * mx.random.normal(mean.shape, dtype=mean.dtype)) * scaling_factor
+    eps = rows(lambda s: mx.random.normal(s, dtype=mean.dtype), mean.shape, shard)
+    return (mean + std * eps) * scaling_factor
 
 
 class TrainStep:
@@ -110,12 +126,16 @@ class TrainStep:
 
     def __init__(self, unet: nn.Module, optimizer: optim.Optimizer, schedule: NoiseSchedule,
                  loss: LossConfig, grad_accum: int = 1, max_grad_norm: float = 1.0, compile: bool = True,
-                 draw: Callable | None = None, sample: Callable | None = None):
+                 draw: Callable | None = None, sample: Callable | None = None,
+                 group: mx.distributed.Group | None = None):
         """`draw(latents) -> (noise, t)` and `sample(mean, std) -> latents` replace the random
-        draws (tests use per-sample deterministic ones to compare batchings)."""
+        draws (tests use per-sample deterministic ones to compare batchings). With a `group`
+        this process is one rank of a data-parallel run (see the module docstring)."""
         self.unet, self.optimizer, self.schedule = unet, optimizer, schedule
-        draw = draw or (lambda lat: draw_noise(lat, schedule, loss.noise_offset))
-        sample = sample or (lambda mean, std: sample_latents(mean, std, loss.scaling_factor))
+        shard = (group.rank(), group.size()) if group is not None else (0, 1)
+        set_batch_shard(unet, *shard)
+        draw = draw or (lambda lat: draw_noise(lat, schedule, loss.noise_offset, shard))
+        sample = sample or (lambda mean, std: sample_latents(mean, std, loss.scaling_factor, shard))
         self.grad_accum = grad_accum
         value_and_grad = nn.value_and_grad(
             unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
@@ -128,6 +148,8 @@ class TrainStep:
 
         def apply_update(acc):
             grads = tree_map(lambda g: g / grad_accum, acc)
+            if group is not None:  # once per update, before clipping: the global batch's gradient
+                grads = nn.average_gradients(grads, group)
             if max_grad_norm > 0:
                 grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
             else:
