@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer updates (default {DEFAULT_STEPS} unless --num_train_epochs is given)")
     g.add_argument("--num_train_epochs", type=int, default=None, help="passes over the data (used when --max_train_steps is not set)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% more time")
+    g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR loss weighting gamma (5.0 is common; 0 = off)")
     g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (e.g. 0.05; 0 = off)")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, noise, timesteps and LoRA init")
@@ -273,6 +275,8 @@ def train(args, world: distributed.World) -> int:
     mx.random.seed(args.seed)  # LoRA init
     unet = folder.unet()
     unet.gradient_checkpointing = args.gradient_checkpointing
+    if args.base_dtype != "float32":
+        unet.set_dtype(getattr(mx, args.base_dtype))  # before injection: adapters are created float32
     inject_lora(unet, lora_cfg)
     n_train = trainable_count(unet)
     from mlx.utils import tree_flatten

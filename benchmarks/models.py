@@ -1,7 +1,7 @@
 """UNet forward and VAE encode: MLX vs diffusers (torch), same weights, same shapes, one run.
 
-SD1.5 shapes from tests/data/sd15 with random (seeded) weights, float32, batch 1. Each timing is
-the median of `--repeats` runs after one warm-up run. The ratio is MLX time / torch time (below 1:
+SD1.5 shapes (the bundled mlx_sd/configs/sd15) with random (seeded) weights, float32, batch 1.
+Each timing is the median of `--repeats` runs after one warm-up run. The ratio is MLX time / torch time (below 1:
 MLX is faster). On Linux these are CPU figures; see DESIGN.md ("Performance") for what carries
 over to Apple Silicon.
 
@@ -13,7 +13,6 @@ import mlx_sd  # noqa: I001  (first: puts the fast BLAS under MLX before mlx.cor
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -22,11 +21,10 @@ import torch
 from convert.diffusers import diffusers_to_mlx
 from mlx_sd.blas import status as blas_status
 from mlx_sd.config import UNetConfig, VAEConfig, read_json
+from mlx_sd.configs import SD15
 from mlx_sd.unet import UNet2DConditionModel
 from mlx_sd.vae import AutoencoderKL
 from mlx_sd.weights import load_strict
-
-SD15 = Path(__file__).resolve().parents[1] / "tests" / "data" / "sd15"
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -6,7 +6,8 @@ noise at uniform timesteps, 77x768 text embeddings. MLX runs the product's compi
 (`mlx_sd.training.TrainStep`); torch runs the same step the original PyTorch script does.
 Each (framework, shape) runs in a fresh process so peak RSS is its own; the two frameworks
 alternate shape by shape. Reported: median s/step over the timed steps after warm-up, MLX's
-allocator peak, process peak RSS, and the ratio MLX/torch.
+allocator peak, process peak RSS, the ratio MLX/torch, and the loss of one step on a fixed
+batch and draw (the same for every `--base_dtype`, so low-precision bases can be compared).
 
     python benchmarks/train_step.py                      # 256 and 512 px, batch 1
     python benchmarks/train_step.py --sizes 256 --batches 1 2 --checkpointing both
@@ -34,8 +35,10 @@ from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.training import LossConfig, TrainStep, make_optimizer
 from lora import LoRAConfig, inject_lora, trainable_count
 size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
+base_dtype = sys.argv[6]
 mx.random.seed(0)
 unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json")), gradient_checkpointing=bool(ckpt))
+unet.set_dtype(getattr(mx, base_dtype))
 inject_lora(unet, LoRAConfig(r=8, alpha=16))
 mx.eval(unet.parameters())
 schedule = NoiseSchedule(read_json(SD15 / "scheduler" / "scheduler_config.json"))
@@ -44,6 +47,10 @@ h = size // 8
 mean, std = mx.random.normal((batch, h, h, 4)), mx.full((batch, h, h, 4), 0.1)
 ctx = mx.random.normal((batch, 77, 768))
 mx.eval(mean, std, ctx)
+mx.random.seed(1)
+t0 = time.perf_counter()
+first_loss = step.grad_step(mean, std, ctx, step.zero_grads())[0].item()  # same draw for every base dtype
+compile_s = time.perf_counter() - t0
 mx.reset_peak_memory()
 times = []
 for i in range(warmup + steps):
@@ -52,7 +59,7 @@ for i in range(warmup + steps):
     norm = step.apply_update(acc)
     mx.eval(loss, norm, unet.trainable_parameters(), step.optimizer.state)
     times.append(time.perf_counter() - t)
-print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": times[0], "loss": loss.item(),
+print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": compile_s, "loss": first_loss,
                   "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                   "trainable": trainable_count(unet), "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
 """
@@ -62,7 +69,7 @@ import json, resource, statistics, sys, time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
-sys.path.insert(0, sys.argv[6])
+sys.path.insert(0, sys.argv[7])
 from mlx_sd.configs import SD15
 size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
 torch.manual_seed(0)
@@ -117,13 +124,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (MLX compiles in the first)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--only", choices=["mlx", "torch"], help="run one side only")
+    p.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="MLX frozen-UNet dtype (LoRA, optimizer, loss stay float32; torch side stays float32)")
     args = p.parse_args()
     ckpts = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
     rows = []
     for size in args.sizes:
         for batch in args.batches:
             for ck in ckpts:
-                shape = (size, batch, ck, args.warmup, args.steps)
+                shape = (size, batch, ck, args.warmup, args.steps, args.base_dtype)
                 m = run(MLX_WORKER, *shape) if args.only != "torch" else {"error": "skipped"}
                 t = run(TORCH_WORKER, *shape) if args.only != "mlx" else {"error": "skipped"}
                 rows.append((size, batch, ck, m, t))
@@ -134,7 +143,7 @@ def main() -> None:
     print(f"{'shape':<22}{'MLX s/step':>11}{'torch s/step':>13}{'ratio':>7}{'MLX peak':>10}{'MLX RSS':>9}{'torch RSS':>10}")
     for size, batch, ck, m, t in rows:
         ratio = m["s_step"] / t["s_step"] if "s_step" in m and "s_step" in t else None
-        label = f"{size}px b{batch} ckpt {'on' if ck else 'off'}"
+        label = f"{size}px b{batch} ckpt {'on' if ck else 'off'}" + ("" if args.base_dtype == "float32" else f" {args.base_dtype}")
         print(f"{label:<22}{fmt(m.get('s_step')):>11}{fmt(t.get('s_step')):>13}{fmt(ratio, 'x'):>7}"
               f"{fmt(m.get('peak_gb'), ' GB'):>10}{fmt(m.get('rss_gb'), ' GB'):>9}{fmt(t.get('rss_gb'), ' GB'):>10}")
         for side, r in (("MLX", m), ("torch", t)):

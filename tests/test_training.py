@@ -252,3 +252,21 @@ def test_config_file_and_cli_override(tmp_path):
     cfg.write_text(json.dumps({"learning_rte": 1}))
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(cfg), "--train_data_dir", "x"])
+
+
+def test_bfloat16_base_trains_float32_adapter(tiny_mlx_dir, tmp_path):
+    """A bfloat16 frozen base: same data and draws, loss close to float32, adapter stays float32."""
+    data = make_dataset(tmp_path / "data", n=4)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", data, "--output_dir", out,
+                         "--max_train_steps", 4, "--base_dtype", dtype, *BASE) == 0
+        logs = sorted((out / "logs").iterdir())[-1]
+        losses[dtype] = [r["loss"] for r in map(json.loads, (logs / "metrics.jsonl").read_text().splitlines())]
+        weights = mx.load(str(out / "lora_weights" / "adapter_model.safetensors"))
+        assert all(v.dtype == mx.float32 for v in weights.values())
+    f32, bf16 = np.array(losses["float32"]), np.array(losses["bfloat16"])
+    print(f"first-step loss float32 {f32[0]:.5f} vs bfloat16 base {bf16[0]:.5f}")
+    assert np.all(np.isfinite(bf16))
+    assert abs(bf16[0] - f32[0]) / f32[0] < 0.05
