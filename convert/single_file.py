@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_sd.configs import SD15
+from mlx_sd.weights import mismatch_report
 
 from .diffusers import COMPONENTS, mlx_to_diffusers
 from .folder import (DTYPES, ConversionError, _build_model, check_out_dir, write_component,
@@ -142,24 +143,17 @@ def _expected_ldm(configs: dict[str, dict]) -> dict[str, tuple[int, ...]]:
 
 def check_ldm_keys(state_dict: dict, configs: dict[str, dict], source: str) -> None:
     """Raise one ConversionError listing every missing, unexpected and mis-shaped key (LDM names)."""
-    expected = _expected_ldm(configs)
-    found = {k: v for k, v in state_dict.items() if not IGNORED.search(k)}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
     # LDM stores some Linear layers as 1x1 convs; equal up to trailing 1s counts as equal.
-    squeeze = lambda s: tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
-    shapes = sorted(f"{k}: file {tuple(found[k].shape)} vs model {expected[k]}"
-                    for k in set(found) & set(expected) if squeeze(tuple(found[k].shape)) != squeeze(expected[k]))
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match the SD1.x models of its configs:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {k}" for k in items[:50]]
-                if len(items) > 50:
-                    lines.append(f"    ... and {len(items) - 50} more")
-        lines.append("Is it a complete SD1.x checkpoint, and are the configs (--config) the ones it was made with?")
-        raise ConversionError("\n".join(lines))
+    def squeeze(s):
+        return tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
+
+    msg = mismatch_report(_expected_ldm(configs),
+                          {k: tuple(v.shape) for k, v in state_dict.items() if not IGNORED.search(k)},
+                          f"{source} does not match the SD1.x models of its configs:",
+                          "Is it a complete SD1.x checkpoint, and are the configs (--config) the ones it was made with?",
+                          same_shape=lambda a, b: squeeze(a) == squeeze(b))
+    if msg:
+        raise ConversionError(msg)
 
 
 def convert_single_file(source: str | Path, out_dir: str | Path, *, filename: str | None = None,

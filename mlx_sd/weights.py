@@ -13,26 +13,35 @@ class WeightsError(ValueError):
     pass
 
 
+def mismatch_report(expected: dict[str, tuple], found: dict[str, tuple], header: str, hint: str,
+                    same_shape=None) -> str | None:
+    """One message listing every missing, unexpected and mis-shaped key; None when all match."""
+    same = same_shape or (lambda a, b: a == b)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: file {found[k]} vs model {expected[k]}"
+              for k in sorted(set(expected) & set(found)) if not same(found[k], expected[k])]
+    if not (missing or unexpected or shapes):
+        return None
+    lines = [header]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines += [f"    {k}" for k in items[:50]]
+            if len(items) > 50:
+                lines.append(f"    ... and {len(items) - 50} more")
+    lines.append(hint)
+    return "\n".join(lines)
+
+
 def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str = "weights") -> None:
     """Raise WeightsError listing all key/shape mismatches between `model` and `weights`."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(weights)
-        if tuple(weights[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {k}" for k in items[:50]]
-                if len(items) > 50:
-                    lines.append(f"    ... and {len(items) - 50} more")
-        lines.append("Is this the right model for this config? Re-run `python -m convert` on the source.")
-        raise WeightsError("\n".join(lines))
+    msg = mismatch_report({k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
+                          {k: tuple(v.shape) for k, v in weights.items()},
+                          f"{source} does not match {type(model).__name__}:",
+                          "Is this the right model for this config? Re-run `python -m convert` on the source.")
+    if msg:
+        raise WeightsError(msg)
 
 
 def load_strict(model: nn.Module, weights: dict[str, mx.array] | str | Path, source: str | None = None) -> nn.Module:
