@@ -28,6 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
@@ -279,8 +280,6 @@ def train(args, world: distributed.World) -> int:
         unet.set_dtype(getattr(mx, args.base_dtype))  # before injection: adapters are created float32
     inject_lora(unet, lora_cfg)
     n_train = trainable_count(unet)
-    from mlx.utils import tree_flatten
-
     n_total = sum(v.size for _, v in tree_flatten(unet.parameters()))
     say(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} on {', '.join(lora_cfg.targets)}: "
         f"{n_train:,} trainable of {n_total:,} UNet parameters ({100 * n_train / n_total:.4f}%)")
