@@ -29,9 +29,6 @@ from .config import UNetConfig, read_json
 from .weights import load_strict
 
 
-ATTENTION_QUERY_CHUNK = 1024  # with gradient checkpointing: 4 chunks at 512 px, none at 256 px
-
-
 def _run(module: nn.Module, *args):
     """Call `module`, recomputing its activations in the backward pass if it asks for that.
 
@@ -139,11 +136,6 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         # diffusers' to_out is [Linear, Dropout]; only index 0 holds weights ("to_out.0").
         self.to_out = [nn.Linear(inner, query_dim)]
-        # Query rows per chunk when recomputing in backward (gradient checkpointing); 0 = whole.
-        self.query_chunk = 0
-
-    def _attend(self, q, k, v):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
     def __call__(self, x, context=None):
         context = x if context is None else context
@@ -152,15 +144,7 @@ class Attention(nn.Module):
         q = self.to_q(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
         k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
         v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
-        c = self.query_chunk
-        if c and L > c:
-            # The [B, heads, L, S] score matrix (0.5 GB per image for 4096 tokens at 512 px) and
-            # its softmax dominate the backward pass's peak. Chunks of queries, each recomputed
-            # on its own in backward, keep one chunk's worth alive at a time; same numbers.
-            attend = mx.checkpoint(self._attend)
-            out = mx.concatenate([attend(q[:, :, i:i + c], k, v) for i in range(0, L, c)], axis=2)
-        else:
-            out = self._attend(q, k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -321,8 +305,7 @@ class UNet2DConditionModel(nn.Module):
     """SD1.x/2.x UNet: `unet(sample [B,H,W,C_in], timesteps [B], context [B,S,D]) -> [B,H,W,C_out]`.
 
     `gradient_checkpointing=True` (or setting the attribute later) recomputes every resnet and
-    transformer block's activations during the backward pass, and attention over more than
-    1024 query tokens in chunks: less memory, same numbers.
+    transformer block's activations during the backward pass: less memory, same numbers.
     """
 
     def __init__(self, config: UNetConfig, gradient_checkpointing: bool = False):
@@ -362,8 +345,6 @@ class UNet2DConditionModel(nn.Module):
         for _, module in self.named_modules():
             if isinstance(module, (ResnetBlock2D, Transformer2DModel)):
                 module.gradient_checkpointing = bool(on)
-            elif isinstance(module, Attention):
-                module.query_chunk = ATTENTION_QUERY_CHUNK if on else 0
 
     def __call__(self, sample: mx.array, timesteps, encoder_hidden_states: mx.array) -> mx.array:
         B, H, W, _ = sample.shape
