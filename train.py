@@ -241,7 +241,7 @@ def train(args, world: distributed.World) -> int:
     scaling = float(vae_config.get("scaling_factor", 0.18215))
     lora_cfg = LoRAConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     run_config = {**vars(args), "model": str(folder.info.get("source", model_dir)), "model_dir": str(model_dir),
-                  "world_size": world.size}
+                  "world_size": world.size, "global_batch": args.train_batch_size * world.size}
     if main_rank:
         (run_logs / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     distributed.check_same_run(world, distributed.code_digest(Path(__file__)), distributed.data_digest(samples),
@@ -377,6 +377,8 @@ def train(args, world: distributed.World) -> int:
                 if args.skip_nan_steps:
                     skipped_nan += 1
                     logger.warning("step %d: non-finite loss %s, update skipped", step + 1, loss)
+                    # The step still counts, so the LR schedule stays aligned with the step number.
+                    optimizer.state["step"] = optimizer.step + 1
                     step += 1
                     bar.update(1)
                     continue

@@ -28,7 +28,10 @@ from lora.formats import adapter_from_model, export_adapter, load_adapter, load_
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 # Run settings that must agree for a resume to continue the same run.
-IDENTITY_KEYS = ("model", "lora_rank", "lora_alpha", "lora_targets", "resolution")
+# The batch settings fix which samples each step saw, so a resume must keep them too (the
+# number of ranks may change as long as the global batch stays the same).
+IDENTITY_KEYS = ("model", "lora_rank", "lora_alpha", "lora_targets", "resolution", "global_batch",
+                 "gradient_accumulation_steps")
 
 
 class CheckpointError(RuntimeError):

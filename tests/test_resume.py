@@ -98,6 +98,11 @@ def test_checkpoint_of_another_run_is_refused(straight, tiny_mlx_dir, dataset, t
     assert rc == 2
     err = capsys.readouterr().err
     assert "different run" in err and "lora_rank: checkpoint 8 vs now 4" in err
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+                   "--max_train_steps", 8, *COMMON, "--gradient_accumulation_steps", 1,
+                   "--resume_from_checkpoint", straight / "checkpoints" / "checkpoint-4")
+    assert rc == 2
+    assert "gradient_accumulation_steps: checkpoint 2 vs now 1" in capsys.readouterr().err
 
 
 def test_pruning_keeps_the_newest(tiny_mlx_dir, dataset, tmp_path):
