@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, save_png
 from .schedulers import SAMPLERS
 
 SETTINGS_FILE = "generation.json"
@@ -133,15 +133,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
-
-def _save_png(image, path: Path, parameters: str) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
 
 
 def _read_captions(out: Path) -> dict[str, str]:
@@ -305,7 +296,7 @@ def run(args) -> int:
                               guidance_scale=args.guidance_scale, sampler=args.sampler,
                               seed=[j.seed for j in batch], height=args.height, width=args.width)
             for job, im in zip(batch, pil):
-                _save_png(im, images / job.name, _parameters(job, args))
+                save_png(im, images / job.name, _parameters(job, args))
                 captions[job.name] = job.prompt
                 made += 1
             write_captions(out, images, captions)

@@ -20,6 +20,7 @@ image k (prompt-major) the seed `s + k`; a list gives one seed per image.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,18 @@ def to_pil(images: mx.array | np.ndarray) -> list[Image.Image]:
     x = np.asarray(images, dtype=np.float32)
     x = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     return [Image.fromarray(im) for im in x]
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
+    """Write a PNG atomically (temp file + rename), with generation settings in its "parameters" text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
 
 
 class StableDiffusion:

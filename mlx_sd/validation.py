@@ -8,7 +8,6 @@ unfused), so nothing is copied.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,17 +34,11 @@ def grid(images: list[Image.Image], rows: int) -> Image.Image:
     return out
 
 
-def _save(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
                    num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
                    guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
                    progress: bool = False) -> list[Path]:
-    from .pipeline import StableDiffusion
+    from .pipeline import StableDiffusion, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
@@ -63,9 +56,9 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
     for k, im in enumerate(images):
         p, i = divmod(k, num_images)
         path = out_dir / image_name(epoch, step, p, i)
-        _save(im, path)
+        save_png(im, path)
         files.append(path)
-    _save(grid(images, rows=len(prompts)), out_dir / f"epoch{epoch:03d}_step{step:04d}_grid.png")
+    save_png(grid(images, rows=len(prompts)), out_dir / f"epoch{epoch:03d}_step{step:04d}_grid.png")
     del pipe, images
     mx.clear_cache()  # sampling buffers go back before training resumes
     return files

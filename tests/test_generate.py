@@ -44,7 +44,7 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
     names = [gen.image_name(p, i) for p in range(2) for i in range(2)]
 
     # First run: Ctrl-C arrives while the third image is being saved.
-    real_save, saves = gen._save_png, []
+    real_save, saves = gen.save_png, []
 
     def save_then_interrupt(image, path, parameters):
         if len(saves) == 2:
@@ -52,7 +52,7 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
         saves.append(path.name)
         real_save(image, path, parameters)
 
-    monkeypatch.setattr(gen, "_save_png", save_then_interrupt)
+    monkeypatch.setattr(gen, "save_png", save_then_interrupt)
     assert gen.main(cmd) == 130
     assert "Re-run the same command" in capsys.readouterr().err
     assert saves == names[:2]
@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
     mtimes = {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]}
 
     # Second run: only the two missing images are made.
-    monkeypatch.setattr(gen, "_save_png", real_save)
+    monkeypatch.setattr(gen, "save_png", real_save)
     made = []
     real_generate = StableDiffusion.generate
 
