@@ -244,10 +244,10 @@ def train(args, world: distributed.World) -> int:
                   "world_size": world.size, "global_batch": args.train_batch_size * world.size}
     if main_rank:
         (run_logs / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    distributed.check_same_run(world, distributed.code_digest(Path(__file__)), distributed.data_digest(samples),
-                               distributed.model_digest(folder.path),
-                               {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS})
-    if world.size > 1:
+    if world.size > 1:  # the digests read code, dataset sizes and weight slices: only worth it with ranks
+        distributed.check_same_run(world, distributed.code_digest(Path(__file__)), distributed.data_digest(samples),
+                                   distributed.model_digest(folder.path),
+                                   {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS})
         say(f"data parallel: {world.size} ranks; global batch {args.train_batch_size} x "
             f"{args.gradient_accumulation_steps} accumulation x {world.size} ranks = "
             f"{args.train_batch_size * args.gradient_accumulation_steps * world.size} images per update")

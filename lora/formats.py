@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import LoRAConfig, LoRALinear, lora_layers
+from .layers import LoRALinear, lora_layers
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -325,12 +325,6 @@ def load_into_lora_layers(model: nn.Module, adapter: Adapter) -> None:
     for p, layer in layers.items():
         layer.lora_A.weight = adapter.A[p].astype(layer.lora_A.weight.dtype)
         layer.lora_B.weight = adapter.B[p].astype(layer.lora_B.weight.dtype)
-
-
-def lora_config_of(adapter: Adapter) -> LoRAConfig:
-    cfg = _peft_config(adapter)
-    return LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                      targets=tuple(cfg["target_modules"]))
 
 
 def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Path) -> Path:

@@ -21,7 +21,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from lora.layers import set_batch_shard
 
@@ -173,6 +173,4 @@ class TrainStep:
 
 
 def _leaves(tree):
-    from mlx.utils import tree_flatten
-
     return [v for _, v in tree_flatten(tree)]
