@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
-from mlx_sd import blas, distributed
+from mlx_sd import blas, distributed, memory
 from mlx_sd.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume,
                                save_checkpoint)
 from mlx_sd.data import DataError, dataset_fingerprint, epoch_order, load_or_encode, preprocess, scan
@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% more time")
     g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32")
+    g.add_argument("--memory_limit_gb", type=float, default=None,
+                   help="memory budget for MLX's scheduler (mlx_sd.memory); default with --gradient_checkpointing: "
+                        "UNet weights + 1 GB, otherwise MLX's own; 0 = MLX's own")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR loss weighting gamma (5.0 is common; 0 = off)")
     g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (e.g. 0.05; 0 = off)")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, noise, timesteps and LoRA init")
@@ -210,9 +213,10 @@ def main(argv=None) -> int:
         return 1
 
 
-# Flags that may differ between ranks: paths (their contents are compared instead) and display.
+# Flags that may differ between ranks: paths (their contents are compared instead), display and
+# the machine's memory budget.
 LOCAL_FLAGS = ("config", "pretrained_model_name_or_path", "train_data_dir", "output_dir", "resume_from_checkpoint",
-               "no_progress", "report_to")
+               "no_progress", "report_to", "memory_limit_gb")
 
 
 def train(args, world: distributed.World) -> int:
@@ -279,6 +283,11 @@ def train(args, world: distributed.World) -> int:
     if args.base_dtype != "float32":
         unet.set_dtype(getattr(mx, args.base_dtype))  # before injection: adapters are created float32
     inject_lora(unet, lora_cfg)
+    budget = args.memory_limit_gb if args.memory_limit_gb is not None else \
+        memory.auto_budget_gb(unet, args.gradient_checkpointing)
+    memory.set_budget(budget)
+    if budget:
+        say(f"memory budget for MLX's scheduler: {budget:.1f} GB (--memory_limit_gb)")
     n_train = trainable_count(unet)
     n_total = sum(v.size for _, v in tree_flatten(unet.parameters()))
     say(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} on {', '.join(lora_cfg.targets)}: "

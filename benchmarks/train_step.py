@@ -35,12 +35,15 @@ from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.training import LossConfig, TrainStep, make_optimizer
 from lora import LoRAConfig, inject_lora, trainable_count
 size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
-base_dtype = sys.argv[6]
+base_dtype, memory_limit = sys.argv[6], sys.argv[7]
+from mlx_sd import memory
 mx.random.seed(0)
 unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json")), gradient_checkpointing=bool(ckpt))
 unet.set_dtype(getattr(mx, base_dtype))
 inject_lora(unet, LoRAConfig(r=8, alpha=16))
 mx.eval(unet.parameters())
+budget = memory.auto_budget_gb(unet, bool(ckpt)) if memory_limit == "auto" else float(memory_limit)
+memory.set_budget(budget)  # as train.py does
 schedule = NoiseSchedule(read_json(SD15 / "scheduler" / "scheduler_config.json"))
 step = TrainStep(unet, make_optimizer(1e-4, "constant", 0, 100), schedule, LossConfig())
 h = size // 8
@@ -63,7 +66,7 @@ for i in range(warmup + steps):
     times.append(time.perf_counter() - t)
 print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": compile_s, "loss": first_loss,
                   "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                  "trainable": trainable_count(unet), "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
+                  "trainable": trainable_count(unet), "budget_gb": budget, "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
 """
 
 TORCH_WORKER = r"""
@@ -71,7 +74,7 @@ import json, resource, statistics, sys, time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
-sys.path.insert(0, sys.argv[7])
+sys.path.insert(0, sys.argv[8])
 from mlx_sd.configs import SD15
 size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
 torch.manual_seed(0)
@@ -128,13 +131,16 @@ def main() -> None:
     p.add_argument("--only", choices=["mlx", "torch"], help="run one side only")
     p.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="MLX frozen-UNet dtype (LoRA, optimizer, loss stay float32; torch side stays float32)")
+    p.add_argument("--memory_limit_gb", default="auto",
+                   help="MLX scheduler memory budget: 'auto' (train.py's default: weights + 1 GB with checkpointing), "
+                        "a number of GB, or 0 for MLX's own")
     args = p.parse_args()
     ckpts = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
     rows = []
     for size in args.sizes:
         for batch in args.batches:
             for ck in ckpts:
-                shape = (size, batch, ck, args.warmup, args.steps, args.base_dtype)
+                shape = (size, batch, ck, args.warmup, args.steps, args.base_dtype, args.memory_limit_gb)
                 m = run(MLX_WORKER, *shape) if args.only != "torch" else {"error": "skipped"}
                 t = run(TORCH_WORKER, *shape) if args.only != "mlx" else {"error": "skipped"}
                 rows.append((size, batch, ck, m, t))

@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import DEFAULT_CHUNK, attention
 from .config import UNetConfig, read_json
 from .weights import load_strict
 
@@ -136,6 +137,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         # diffusers' to_out is [Linear, Dropout]; only index 0 holds weights ("to_out.0").
         self.to_out = [nn.Linear(inner, query_dim)]
+        self.chunk = DEFAULT_CHUNK  # query rows per piece at large token counts (mlx_sd.attention)
 
     def __call__(self, x, context=None):
         context = x if context is None else context
@@ -144,7 +146,7 @@ class Attention(nn.Module):
         q = self.to_q(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
         k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
         v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale, self.chunk)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -306,6 +308,8 @@ class UNet2DConditionModel(nn.Module):
 
     `gradient_checkpointing=True` (or setting the attribute later) recomputes every resnet and
     transformer block's activations during the backward pass: less memory, same numbers.
+    `attention_chunk` is the query chunk of the large self-attentions (`mlx_sd.attention`;
+    0 = never chunk).
     """
 
     def __init__(self, config: UNetConfig, gradient_checkpointing: bool = False):
@@ -345,6 +349,16 @@ class UNet2DConditionModel(nn.Module):
         for _, module in self.named_modules():
             if isinstance(module, (ResnetBlock2D, Transformer2DModel)):
                 module.gradient_checkpointing = bool(on)
+
+    @property
+    def attention_chunk(self) -> int:
+        return next(m.chunk for _, m in self.named_modules() if isinstance(m, Attention))
+
+    @attention_chunk.setter
+    def attention_chunk(self, rows: int):
+        for _, module in self.named_modules():
+            if isinstance(module, Attention):
+                module.chunk = int(rows)
 
     def __call__(self, sample: mx.array, timesteps, encoder_hidden_states: mx.array) -> mx.array:
         B, H, W, _ = sample.shape
