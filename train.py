@@ -23,6 +23,7 @@ import math
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     from mlx_sd.weights import WeightsError
 
     world = distributed.init()
+    limit = memory.set_budget(None)  # train() may set a budget; callers in-process get theirs back
     try:
         return train(args, world)
     except (DataError, ModelFolderError, ConversionError, CheckpointError, AdapterError, ConfigError,
@@ -211,6 +213,8 @@ def main(argv=None) -> int:
             raise
         print(f"{world.tag}error: {why}; the run stops before training", file=sys.stderr)
         return 1
+    finally:
+        mx.set_memory_limit(limit)
 
 
 # Flags that may differ between ranks: paths (their contents are compared instead), display and
@@ -312,6 +316,18 @@ def train(args, world: distributed.World) -> int:
                         group=world.group if world.size > 1 else None)
     b, offset = args.train_batch_size, world.rank * args.train_batch_size
 
+    def pixels(c: int) -> np.ndarray:
+        """Images of micro-batch `c`, this rank's rows; a pure function of (seed, c)."""
+        _, idx, flips = batches(c)
+        idx, flips = idx[offset:offset + b], flips[offset:offset + b]
+        # Random crops: one generator per position in the global batch, the same on any rank.
+        return np.stack([preprocess(samples[i].path, args.resolution, args.center_crop, bool(f),
+                                    np.random.default_rng([args.seed, c, 2, offset + j]))
+                         for j, (i, f) in enumerate(zip(idx, flips))])
+
+    loader = ThreadPoolExecutor(1, thread_name_prefix="images") if data is None else None
+    prefetched = {}
+
     def micro_batch(c: int):
         epoch, idx, flips = batches(c)
         idx, flips = idx[offset:offset + b], flips[offset:offset + b]  # this rank's slice
@@ -320,10 +336,10 @@ def train(args, world: distributed.World) -> int:
             std = np.where(flips[:, None, None, None], data.std_flip[idx], data.std[idx]) if args.random_flip else data.std[idx]
             ctx = data.text[data.caption_index[idx]]
             return epoch, mx.array(mean), mx.array(std), mx.array(ctx)
-        # Random crops: one generator per position in the global batch, the same on any rank.
-        px = np.stack([preprocess(samples[i].path, args.resolution, args.center_crop, bool(f),
-                                  np.random.default_rng([args.seed, c, 2, offset + j]))
-                       for j, (i, f) in enumerate(zip(idx, flips))])
+        # Decoding the next micro-batch's images overlaps this one's step (PIL releases the GIL).
+        px = (prefetched.pop(c, None) or loader.submit(pixels, c)).result()
+        prefetched.clear()
+        prefetched[c + 1] = loader.submit(pixels, c + 1)
         mean, logvar = encode_image(mx.array(px))
         ctx = text_encoder(mx.array(tokenizer([samples[i].caption for i in idx])))
         return epoch, mean, mx.exp(0.5 * logvar), ctx
@@ -435,6 +451,8 @@ def train(args, world: distributed.World) -> int:
         bar.close()
         if metrics:
             metrics.close()
+        if loader:
+            loader.shutdown(wait=False, cancel_futures=True)
 
     if status:
         return status

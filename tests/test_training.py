@@ -270,3 +270,29 @@ def test_bfloat16_base_trains_float32_adapter(tiny_mlx_dir, tmp_path):
     print(f"first-step loss float32 {f32[0]:.5f} vs bfloat16 base {bf16[0]:.5f}")
     assert np.all(np.isfinite(bf16))
     assert abs(bf16[0] - f32[0]) / f32[0] < 0.05
+
+
+def test_memory_budget_follows_checkpointing_and_is_restored(tiny_mlx_dir, tmp_path, capsys, monkeypatch):
+    from mlx_sd import memory
+
+    data = make_dataset(tmp_path / "data", n=2)
+    common = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", data, "--check", *BASE]
+    seen = []
+    real = memory.set_budget
+    monkeypatch.setattr(memory, "set_budget", lambda gb: seen.append(gb) or real(gb))
+    before = mx.set_memory_limit(123_000_000_000)
+    try:
+        assert run_train(*common, "--output_dir", tmp_path / "a", "--gradient_checkpointing") == 0
+        assert mx.set_memory_limit(123_000_000_000) == 123_000_000_000  # restored after the run
+        weights = memory.weights_gb(ModelFolder(tiny_mlx_dir).unet())
+        assert seen[-1] == pytest.approx(weights + memory.CHECKPOINTING_HEADROOM_GB, rel=0.01)
+        assert f"memory budget for MLX's scheduler: {seen[-1]:.1f} GB" in capsys.readouterr().out
+        assert run_train(*common, "--output_dir", tmp_path / "b") == 0
+        assert seen[-1] is None and "memory budget" not in capsys.readouterr().out
+        assert run_train(*common, "--output_dir", tmp_path / "c", "--gradient_checkpointing",
+                         "--memory_limit_gb", "0") == 0
+        assert seen[-1] == 0 and "memory budget" not in capsys.readouterr().out
+        assert run_train(*common, "--output_dir", tmp_path / "d", "--memory_limit_gb", "2.5") == 0
+        assert seen[-1] == 2.5 and "budget for MLX's scheduler: 2.5 GB" in capsys.readouterr().out
+    finally:
+        mx.set_memory_limit(before)
