@@ -151,7 +151,7 @@ def blocks(res: int, batch: int, repeats: int):
     for name, block, args, tblock in inputs:
         def loss(params, inp, block=block, args=args):
             block.update(params)
-            out = block(inp, *args[1:])
+            out = block(inp, *[list(a) if isinstance(a, list) else a for a in args[1:]])  # up blocks pop skips
             return mx.sum(out[0] if isinstance(out, tuple) else out)
         params = block.trainable_parameters()
         g = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))

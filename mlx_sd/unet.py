@@ -27,6 +27,7 @@ import mlx.nn as nn
 
 from .attention import DEFAULT_CHUNK, attention
 from .config import UNetConfig, read_json
+from .conv import Conv2d
 from .weights import load_strict
 
 
@@ -75,11 +76,11 @@ class ResnetBlock2D(nn.Module):
                  eps: float, output_scale_factor: float = 1.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         self.output_scale_factor = output_scale_factor
@@ -115,7 +116,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x):
         B, H, W, C = x.shape
