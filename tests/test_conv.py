@@ -1,7 +1,8 @@
 """The 3x3 convolution with its own input gradient (mlx_sd.conv) vs torch's conv2d autograd.
 
 Output and the gradients w.r.t. input and weight must match torch within 1e-5 relative L2
-(float32; measured ~3e-7) on shapes that take the custom path and shapes that do not.
+(float32; measured ~3e-7) on shapes that take the custom paths (stride 1 and 2, even and odd
+sizes) and shapes that do not.
 """
 
 import mlx_sd  # noqa: F401  (before mlx.core: installs the fast BLAS)
@@ -19,13 +20,16 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 6, 96), (1, 3, 3, 40), (2, 16, 16, 8)], ids=["custom", "custom-odd", "mlx"])
-def test_conv3x3_matches_torch(shape):
+@pytest.mark.parametrize("shape,stride", [((2, 4, 6, 96), 1), ((1, 3, 3, 40), 1), ((2, 16, 16, 8), 1),
+                                          ((2, 8, 6, 16), 2), ((1, 7, 5, 12), 2)],
+                         ids=["custom", "custom-odd", "mlx", "stride2", "stride2-odd"])
+def test_conv3x3_matches_torch(shape, stride):
     B, H, W, C = shape
-    conv = Conv2d(C, 24, 3, padding=1)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    conv = Conv2d(C, 24, 3, stride=stride, padding=1)
     r = mx.random.split(mx.random.key(0), 2)
     x = mx.random.normal(shape, key=r[0])
-    w = mx.random.normal((B, H, W, 24), key=r[1])  # loss weights
+    w = mx.random.normal((B, Ho, Wo, 24), key=r[1])  # loss weights
 
     def loss(params, x):
         conv.update(params)
@@ -34,7 +38,7 @@ def test_conv3x3_matches_torch(shape):
     out = conv(x)
     gp, gx = mx.grad(loss, argnums=(0, 1))(conv.trainable_parameters(), x)
 
-    tconv = torch.nn.Conv2d(C, 24, 3, padding=1)
+    tconv = torch.nn.Conv2d(C, 24, 3, stride=stride, padding=1)
     with torch.no_grad():
         tconv.weight.copy_(torch.from_numpy(np.array(conv.weight).transpose(0, 3, 1, 2)))
         tconv.bias.copy_(torch.from_numpy(np.array(conv.bias)))
@@ -48,7 +52,8 @@ def test_conv3x3_matches_torch(shape):
         "dw": rel(gp["weight"], tconv.weight.grad.numpy().transpose(0, 2, 3, 1)),
         "db": rel(gp["bias"], tconv.bias.grad.numpy()),
     }
-    print(f"conv3x3 {shape}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert out.shape == (B, Ho, Wo, 24)
+    print(f"conv3x3 {shape} stride {stride}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) <= 1e-5, errs
 
 
@@ -61,5 +66,5 @@ def test_custom_path_is_taken_only_for_small_maps(monkeypatch):
     conv = Conv2d(64, 64, 3, padding=1)
     conv(mx.zeros((1, 8, 8, 64)))  # 64 pixels < 4 x 64 channels: custom
     conv(mx.zeros((1, 32, 32, 64)))  # 1024 pixels: MLX's own
-    Conv2d(64, 64, 3, stride=2, padding=1)(mx.zeros((1, 8, 8, 64)))  # strided: MLX's own
+    Conv2d(64, 64, 3, padding=0)(mx.zeros((1, 8, 8, 64)))  # another padding: MLX's own
     assert calls == [(1, 8, 8, 64)]
