@@ -43,7 +43,7 @@ def test_chunked_attention_matches_torch(keys, wrap):
     w = mx.random.normal((B, H, L, D), key=r[3])
 
     def f(q, k, v):
-        return attention(q, k, v, scale, chunk=32, min_tokens=1)  # pieces of 32, 32, 32, 4 rows
+        return attention(q, k, v, scale, chunk=32, min_tokens=1)  # 100 rows: pieces that do not divide it
 
     g = {"eager": f, "compiled": mx.compile(f), "checkpointed": mx.checkpoint(f)}[wrap]
     loss = lambda q, k, v: mx.sum(g(q, k, v) * w)  # noqa: E731
