@@ -73,33 +73,20 @@ TORCH_WORKER = r"""
 import json, resource, statistics, sys, time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from peft import LoraConfig
 sys.path.insert(0, sys.argv[8])
+from benchmarks.torch_reference import add_lora, train_step
 from mlx_sd.configs import SD15
 size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
 torch.manual_seed(0)
 unet = UNet2DConditionModel.from_config(json.loads((SD15 / "unet" / "config.json").read_text()))
-unet.requires_grad_(False)
-unet.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-if ckpt:
-    unet.enable_gradient_checkpointing()
-unet.train()
-params = [p for p in unet.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-4)
+params, opt = add_lora(unet, bool(ckpt))
 sched = DDPMScheduler.from_config(json.loads((SD15 / "scheduler" / "scheduler_config.json").read_text()))
 h = size // 8
 latents, ctx = torch.randn(batch, 4, h, h), torch.randn(batch, 77, 768)
 times = []
 for i in range(warmup + steps):
     t = time.perf_counter()
-    noise = torch.randn_like(latents)
-    ts = torch.randint(0, 1000, (batch,))
-    pred = unet(sched.add_noise(latents, noise, ts), ts, ctx).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    loss = train_step(unet, sched, params, opt, latents, ctx)
     times.append(time.perf_counter() - t)
 print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": times[0], "loss": loss.item(), "peak_gb": None,
                   "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,

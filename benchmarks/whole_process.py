@@ -54,8 +54,8 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokeniz
 pipe.save_pretrained(out, safe_serialization=True)
 """
 
-# The original PyTorch script's step (DESIGN.md): VAE encode -> latent sample, CLIP text
-# embeddings, DDPM noise at uniform timesteps, UNet, MSE, backward, clip 1.0, AdamW.
+# The original PyTorch script's way (DESIGN.md): VAE encode -> latent sample and CLIP text
+# embeddings every step, then benchmarks/torch_reference.py's LoRA step.
 TORCH_RUN = r"""
 import json, statistics, sys, time
 t_start = time.perf_counter()
@@ -64,20 +64,16 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
+from benchmarks.torch_reference import add_lora, train_step
 model, data, size, batch, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(42)
 tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
 text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").requires_grad_(False)
 vae = AutoencoderKL.from_pretrained(model / "vae").requires_grad_(False)
-unet = UNet2DConditionModel.from_pretrained(model / "unet").requires_grad_(False)
+unet = UNet2DConditionModel.from_pretrained(model / "unet")
 sched = DDPMScheduler.from_pretrained(model / "scheduler")
-unet.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-unet.enable_gradient_checkpointing()
-unet.train()
-params = [p for p in unet.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-4)
+params, opt = add_lora(unet, gradient_checkpointing=True)
 captions = json.loads((data / "captions.json").read_text())
 files = sorted(captions)
 
@@ -94,14 +90,7 @@ for step in range(steps):
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         ctx = text_encoder(ids)[0]
-    noise = torch.randn_like(latents)
-    ts = torch.randint(0, sched.config.num_train_timesteps, (batch,))
-    pred = unet(sched.add_noise(latents, noise, ts), ts, ctx).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    train_step(unet, sched, params, opt, latents, ctx)
     times.append(time.perf_counter() - t)
 print(json.dumps({"step_times": times, "wall_in_process": time.perf_counter() - t_start}))
 """
