@@ -65,7 +65,7 @@ def op_classes(res: int, batch: int, repeats: int):
     def arr(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
-    x_img, x_tok, ctx = arr(batch, n, n, C), arr(batch, L, C), arr(batch, 77, 768)
+    x_img, x_tok = arr(batch, n, n, C), arr(batch, L, C)
     conv_m, conv_t = nn.Conv2d(C, C, 3, padding=1), torch.nn.Conv2d(C, C, 3, padding=1).requires_grad_(False)
     gn_m, gn_t = nn.GroupNorm(32, C, pytorch_compatible=True), torch.nn.GroupNorm(32, C)
     ln_m, ln_t = nn.LayerNorm(C), torch.nn.LayerNorm(C)
@@ -84,7 +84,7 @@ def op_classes(res: int, batch: int, repeats: int):
         h, gate = ff_t(x).chunk(2, dim=-1)
         return h * torch.nn.functional.gelu(gate)
 
-    xi, xt, xc = mx.array(x_img), mx.array(x_tok), mx.array(ctx)
+    xi, xt = mx.array(x_img), mx.array(x_tok)
     ti, tt = torch.from_numpy(x_img).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(x_tok)
     cases = [
         ("conv 3x3", lambda x: conv_m(x), (xi,), lambda x: conv_t(x), (ti,)),
@@ -103,7 +103,6 @@ def op_classes(res: int, batch: int, repeats: int):
         m = median_time(mlx_fwd_bwd(fm, *im), repeats)
         t = median_time(torch_fwd_bwd(ft, *it), repeats)
         rows.append((name, m, t))
-    del xc
     return rows
 
 

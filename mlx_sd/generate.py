@@ -177,7 +177,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         if diff:
             raise GenerateError(
                 f"{out} holds images made with other settings:\n  " + "\n  ".join(diff)
-                + f"\nRe-run with the old settings to resume, or use another --output_dir.")
+                + "\nRe-run with the old settings to resume, or use another --output_dir.")
 
 
 def _check_prompts(out: Path, existing: dict[str, str], jobs: list[Job]) -> None:
