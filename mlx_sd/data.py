@@ -193,11 +193,19 @@ class EncodedData:
     std_flip: np.ndarray | None = None
 
 
-def encode_images(vae, paths: list[Path], resolution: int, flip: bool, batch_size: int = 4,
+# Images per VAE encode call: 4 at 256 px, 1 at 512 px. The encoder's full-resolution
+# activations grow with batch x pixels: at 512 px a batch of 4 took the process to 7.3 GB RSS
+# and 27 s per image on the CPU backend, a batch of 1 to 2.2 GB and 20 s.
+ENCODE_PIXELS = 4 * 256 * 256
+
+
+def encode_images(vae, paths: list[Path], resolution: int, flip: bool, batch_size: int | None = None,
                   progress: bool = True):
     """VAE posterior (mean, std) of each image, NHWC float32 numpy; `flip` encodes the mirror."""
     import mlx.core as mx
     from tqdm import tqdm
+
+    batch_size = batch_size or max(1, ENCODE_PIXELS // (resolution * resolution))
 
     encode = mx.compile(lambda x: vae.encode(x))
     means, stds = [], []
