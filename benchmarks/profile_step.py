@@ -15,8 +15,6 @@ import mlx_sd  # noqa: F401,I001  (first: puts the fast BLAS under MLX before ml
 
 import argparse
 import json
-import statistics
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,16 +28,7 @@ from mlx_sd.config import UNetConfig, read_json
 from mlx_sd.configs import SD15
 from mlx_sd.unet import UNet2DConditionModel
 from mlx_sd.weights import load_strict
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from models import median_seconds  # benchmarks/models.py (this folder is on sys.path)
 
 
 def mlx_fwd_bwd(f, *inputs):
@@ -100,8 +89,8 @@ def op_classes(res: int, batch: int, repeats: int):
     ]
     rows = []
     for name, fm, im, ft, it in cases:
-        m = median_time(mlx_fwd_bwd(fm, *im), repeats)
-        t = median_time(torch_fwd_bwd(ft, *it), repeats)
+        m = median_seconds(mlx_fwd_bwd(fm, *im), repeats)
+        t = median_seconds(torch_fwd_bwd(ft, *it), repeats)
         rows.append((name, m, t))
     return rows
 
@@ -154,7 +143,7 @@ def blocks(res: int, batch: int, repeats: int):
             return mx.sum(out[0] if isinstance(out, tuple) else out)
         params = block.trainable_parameters()
         g = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
-        m = median_time(lambda g=g, params=params, args=args: mx.eval(g(params, args[0])), repeats)
+        m = median_seconds(lambda g=g, params=params, args=args: mx.eval(g(params, args[0])), repeats)
         nchw = lambda a: torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         th = nchw(args[0]).requires_grad_(True)
         tt = torch.from_numpy(np.array(args[1]))
@@ -174,7 +163,7 @@ def blocks(res: int, batch: int, repeats: int):
             for p in tblock.parameters():
                 p.grad = None
             call().sum().backward()
-        tm = median_time(trun, repeats)
+        tm = median_seconds(trun, repeats)
         rows.append((name, m, tm))
     return rows
 
