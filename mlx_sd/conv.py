@@ -21,11 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _shifted_taps(x: mx.array):
-    """The nine 3x3 neighbourhood views of a zero-padded NHWC map, in (row, column) order."""
+def _shifted_taps(x: mx.array, stride: int = 1):
+    """The nine 3x3 neighbourhood views (padding 1) of an NHWC map at `stride`, in (row, column)
+    order: view (a, c) holds the input each output position sees through kernel tap (a, c)."""
     _, H, W, _ = x.shape
-    xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    return [xp[:, a:a + H, c:c + W, :] for a in range(3) for c in range(3)]
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    xp = mx.pad(x, [(0, 0), (1, stride), (1, stride), (0, 0)])
+    return [xp[:, a:a + stride * Ho:stride, c:c + stride * Wo:stride, :] for a in range(3) for c in range(3)]
 
 
 @mx.custom_function
@@ -75,9 +77,8 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
     rows = [mx.stack(planes[r], axis=3) for r in (0, 1)]  # [B, Ho+1, Wo+1, 2, C] per row parity
     dxp = mx.stack(rows, axis=2).reshape(B, 2 * Ho + 2, 2 * Wo + 2, in_ch)
     dx = dxp[:, 1:1 + H, 1:1 + W, :]
-    xp = mx.pad(x, [(0, 0), (1, 2), (1, 2), (0, 0)])
-    cols = mx.concatenate([xp[:, a:a + 2 * Ho:2, c:c + 2 * Wo:2, :] for a in range(3) for c in range(3)], axis=-1)
-    dw = (dy.reshape(-1, out_ch).T @ cols.reshape(-1, 9 * in_ch)).reshape(weight.shape)
+    cols = mx.concatenate(_shifted_taps(x, stride=2), axis=-1).reshape(-1, 9 * in_ch)
+    dw = (dy.reshape(-1, out_ch).T @ cols).reshape(weight.shape)
     return dx, dw
 
 
