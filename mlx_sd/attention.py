@@ -52,12 +52,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int = 
     the streams of `lanes()`; chunking is used when the query length is at least `min_tokens`
     (default `2 * chunk`).
     """
-    L = q.shape[2]
-    if not chunk or L < (min_tokens or 2 * chunk):
+    if not chunks(q.shape[2], chunk, min_tokens):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     streams = lanes()
     # One chunk in flight per stream: split `chunk` rows between them so the memory stays put.
     return _chunked(float(scale), max(1, int(chunk) // len(streams)), streams)(q, k, v)
+
+
+def chunks(query_tokens: int, chunk: int = DEFAULT_CHUNK, min_tokens: int | None = None) -> bool:
+    """Whether `attention` splits a query of this length into chunks."""
+    return bool(chunk) and query_tokens >= (min_tokens or 2 * chunk)
 
 
 def _bounds(L: int, chunk: int):

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import DEFAULT_CHUNK, attention
+from .attention import DEFAULT_CHUNK, attention, chunks
 from .config import UNetConfig, read_json
 from .conv import Conv2d
 from .weights import load_strict
@@ -140,15 +140,26 @@ class Attention(nn.Module):
         self.to_out = [nn.Linear(inner, query_dim)]
         self.chunk = DEFAULT_CHUNK  # query rows per piece at large token counts (mlx_sd.attention)
 
-    def __call__(self, x, context=None):
+    def project(self, x, context=None):
+        """q, k, v as `[B, heads, tokens, dim_head]`."""
         context = x if context is None else context
         B, L, _ = x.shape
         S = context.shape[1]
         q = self.to_q(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
         k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
         v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
-        out = attention(q, k, v, self.scale, self.chunk)
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return q, k, v
+
+    def core(self, q, k, v, min_tokens: int | None = None):
+        """softmax(q k^T / sqrt(dim_head)) v, chunked as `mlx_sd.attention.attention` decides."""
+        return attention(q, k, v, self.scale, self.chunk, min_tokens)
+
+    def output(self, o):
+        B, _, L, _ = o.shape
+        return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x, context=None):
+        return self.output(self.core(*self.project(x, context)))
 
 
 class GEGLU(nn.Module):
@@ -181,8 +192,34 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+    def __call__(self, x, context, checkpoint: bool = False):
+        """`checkpoint=True` recomputes the block's activations in the backward pass, with one
+        exception: a self-attention over at least `attn1.chunk` tokens runs as
+        `mlx_sd.attention`'s chunked form, whose backward recomputes its probabilities by
+        itself, and only its q, k, v and output are kept (four tokens x channels arrays). The
+        recomputation then skips the block's costliest op. Shorter self-attentions are
+        recomputed with the rest: their fused backward keeps the tokens x tokens probabilities.
+        """
+        if not checkpoint:
+            return self._whole(x, context)
+        rows = self.attn1.chunk
+        if not chunks(x.shape[1], rows, min_tokens=rows):
+            return nn.utils.checkpoint(self, self._whole)(x, context)
+        q, k, v = nn.utils.checkpoint(self, self._self_qkv)(x)
+        o = self.attn1.core(q, k, v, min_tokens=rows)
+        return nn.utils.checkpoint(self, self._rest_from_core)(x, o, context)
+
+    def _whole(self, x, context):
+        return self._rest(x, self.attn1(self.norm1(x)), context)
+
+    def _self_qkv(self, x):
+        return self.attn1.project(self.norm1(x))
+
+    def _rest_from_core(self, x, o, context):
+        return self._rest(x, self.attn1.output(o), context)
+
+    def _rest(self, x, attn1_out, context):
+        x = x + attn1_out
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -203,11 +240,18 @@ class Transformer2DModel(nn.Module):
         self.gradient_checkpointing = False
 
     def __call__(self, x, context):
+        """With `gradient_checkpointing` the input projection and each transformer block are
+        recomputed in the backward pass (the blocks keep their self-attention outputs)."""
         B, H, W, C = x.shape
-        h = self.proj_in(self.norm(x).reshape(B, H * W, C))
+        ckpt = self.gradient_checkpointing
+        h = (nn.utils.checkpoint(self, self._project_in) if ckpt else self._project_in)(x)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, checkpoint=ckpt)
         return self.proj_out(h).reshape(B, H, W, C) + x
+
+    def _project_in(self, x):
+        B, H, W, C = x.shape
+        return self.proj_in(self.norm(x).reshape(B, H * W, C))
 
 
 class DownBlock(nn.Module):
@@ -239,7 +283,7 @@ class DownBlock(nn.Module):
         for j, resnet in enumerate(self.resnets):
             x = _run(resnet, x, temb)
             if "attentions" in self:
-                x = _run(self.attentions[j], x, context)
+                x = self.attentions[j](x, context)
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -280,7 +324,7 @@ class UpBlock(nn.Module):
             x = mx.concatenate([x, skips.pop()], axis=-1)  # torch.cat(dim=1): x first, then skip
             x = _run(resnet, x, temb)
             if "attentions" in self:
-                x = _run(self.attentions[j], x, context)
+                x = self.attentions[j](x, context)
         if "upsamplers" in self:
             x = self.upsamplers[0](x)
         return x
@@ -300,7 +344,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
     def __call__(self, x, temb, context):
         x = _run(self.resnets[0], x, temb)
-        x = _run(self.attentions[0], x, context)
+        x = self.attentions[0](x, context)
         return _run(self.resnets[1], x, temb)
 
 

@@ -178,14 +178,49 @@ def test_gradient_checkpointing_same_loss_and_grads_less_memory(tiny_pair):
     assert g0.keys() == g1.keys() and len(g0) == len(tree_flatten(unet.parameters()))
     # Each tensor must agree to 1e-5 of its own largest gradient. Some gradients are 0 by
     # construction (a per-channel bias right before a GroupNorm with one channel per group) and
-    # hold ~1e-9 of rounding noise, hence the absolute floor of 1e-7 of the largest gradient.
+    # hold rounding noise of about float32's epsilon times the largest gradient (measured up to
+    # 1.2e-7 of it), hence the absolute floor of 1e-6 of the largest gradient.
     scale = max(float(mx.abs(g).max()) for g in g0.values())
     diff = {n: float(mx.abs(g1[n] - g0[n]).max()) for n in g0}
     ref = {n: float(mx.abs(g0[n]).max()) for n in g0}
-    bad = [n for n in g0 if diff[n] > 1e-5 * ref[n] + 1e-7 * scale]
-    assert not bad, f"gradients differ: {[(n, diff[n], ref[n]) for n in bad[:5]]}"
+    bad = [n for n in g0 if diff[n] > 1e-5 * ref[n] + 1e-6 * scale]
+    assert not bad, f"gradients differ (largest {scale:.3e}): {[(n, diff[n], ref[n]) for n in bad[:5]]}"
     worst = max(diff[n] / ref[n] for n in g0 if ref[n] > 1e-3 * scale)
     print(f"gradient checkpointing: worst relative gradient difference {worst:.2e}")
     # Checkpointing must actually drop activations (measured ~2.5x lower peak here).
     assert peak1 < 0.7 * peak0, f"peak memory {peak1 / 1e6:.0f} MB with checkpointing vs {peak0 / 1e6:.0f} MB"
 
+
+
+def test_checkpointing_keeps_large_self_attention_out_of_the_recompute(tiny_pair, monkeypatch):
+    """Under checkpointing, a self-attention over >= `attention_chunk` tokens runs once per step
+    (its own backward recomputes the probabilities); shorter ones and cross-attention run again
+    in the recomputation. Same gradients as without checkpointing either way (test above)."""
+    import mlx_sd.unet as unet_module
+
+    unet = mlx_twin(tiny_pair[0])
+    calls = []
+    real = unet_module.attention
+
+    def counting(q, k, v, *args, **kwargs):
+        calls.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "attention", counting)
+    x = mx.random.normal((1, 32, 32, 4), key=mx.random.key(1))
+    ctx = mx.random.normal((1, 77, 32), key=mx.random.key(2))
+    loss_fn = lambda x, ctx: unet(x, mx.array([500]), ctx).sum()  # noqa: E731
+
+    counts = {}
+    for on in (False, True):
+        unet.gradient_checkpointing = on
+        calls.clear()
+        mx.eval(nn.value_and_grad(unet, loss_fn)(x, ctx))
+        counts[on] = {pair: calls.count(pair) for pair in set(calls)}
+
+    once = counts[False]  # without checkpointing every attention runs once
+    assert unet.attention_chunk == 1024 and (1024, 1024) in once and any(q < 1024 for q, _ in once)
+    for (q, k), n in once.items():
+        kept = q == k and q >= unet.attention_chunk
+        expected = n if kept else 2 * n
+        assert counts[True][(q, k)] == expected, f"attention {q}x{k} ran {counts[True][(q, k)]} times, expected {expected}"
