@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer update")
     g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer updates (default {DEFAULT_STEPS} unless --num_train_epochs is given)")
     g.add_argument("--num_train_epochs", type=int, default=None, help="passes over the data (used when --max_train_steps is not set)")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~40-55%% more time per step")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~10-40%% more time per step")
     g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32")
     g.add_argument("--memory_limit_gb", type=float, default=None,
