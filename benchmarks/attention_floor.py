@@ -2,7 +2,7 @@
 
 Every self-attention must exponentiate each of its B x heads x tokens^2 scores once in the
 forward pass and once more in the backward pass (the chunked attention recomputes its
-probabilities instead of keeping a tokens^2 matrix; torch's fused CPU kernel does the same).
+probabilities instead of keeping a tokens^2 matrix, as flash-style fused kernels do).
 This prints, at one resolution and batch: exp throughput, the softmax over one self-attention's
 scores (one and two CPU streams, as `mlx_sd.attention` runs it), the whole attention forward and
 forward+backward, and the sum over SD1.5's self-attentions of 2 x softmax: a lower bound on the

@@ -241,7 +241,8 @@ class Transformer2DModel(nn.Module):
 
     def __call__(self, x, context):
         """With `gradient_checkpointing` the input projection and each transformer block are
-        recomputed in the backward pass (the blocks keep their self-attention outputs)."""
+        recomputed in the backward pass (large self-attentions excepted, see
+        `BasicTransformerBlock`)."""
         B, H, W, C = x.shape
         ckpt = self.gradient_checkpointing
         h = (nn.utils.checkpoint(self, self._project_in) if ckpt else self._project_in)(x)
@@ -352,9 +353,10 @@ class UNet2DConditionModel(nn.Module):
     """SD1.x/2.x UNet: `unet(sample [B,H,W,C_in], timesteps [B], context [B,S,D]) -> [B,H,W,C_out]`.
 
     `gradient_checkpointing=True` (or setting the attribute later) recomputes every resnet and
-    transformer block's activations during the backward pass: less memory, same numbers.
-    `attention_chunk` is the query chunk of the large self-attentions (`mlx_sd.attention`;
-    0 = never chunk).
+    transformer block's activations during the backward pass: less memory, same numbers. Self-
+    attentions over `attention_chunk` tokens or more are not run again; they keep q, k, v and
+    their output. `attention_chunk` is the query chunk of the large self-attentions
+    (`mlx_sd.attention`; 0 = never chunk).
     """
 
     def __init__(self, config: UNetConfig, gradient_checkpointing: bool = False):
