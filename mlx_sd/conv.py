@@ -30,6 +30,13 @@ def _shifted_taps(x: mx.array, stride: int = 1):
     return [xp[:, a:a + stride * Ho:stride, c:c + stride * Wo:stride, :] for a in range(3) for c in range(3)]
 
 
+def _weight_grad(x: mx.array, dy: mx.array, weight: mx.array, stride: int) -> mx.array:
+    """dL/dW of a padding-1 3x3 convolution: the output gradient against the nine tap views.
+    Only evaluated when the weight is trained (never for the frozen base under LoRA)."""
+    cols = mx.concatenate(_shifted_taps(x, stride), axis=-1).reshape(-1, 9 * x.shape[-1])
+    return (dy.reshape(-1, weight.shape[0]).T @ cols).reshape(weight.shape)
+
+
 @mx.custom_function
 def conv3x3(x: mx.array, weight: mx.array) -> mx.array:
     """`mx.conv2d(x, weight, padding=1)` for NHWC `x` and OHWI 3x3 `weight`."""
@@ -40,17 +47,13 @@ def conv3x3(x: mx.array, weight: mx.array) -> mx.array:
 def _conv3x3_vjp(primals, cotangent, output):
     x, weight = primals
     dy = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
-    out_ch, _, _, in_ch = weight.shape
     dx = None
     # y[p] = sum_{a,c} x[p + (a-1, c-1)] W[:, a, c, :]  =>  dx[q] = sum_{a,c} dy[q - (a-1, c-1)] W[:, a, c, :]
     for k, tap in enumerate(_shifted_taps(dy)):
         a, c = divmod(k, 3)
         term = tap @ weight[:, 2 - a, 2 - c, :]
         dx = term if dx is None else dx + term
-    # Only evaluated when the weight is trained (never for the frozen base under LoRA).
-    cols = mx.concatenate(_shifted_taps(x), axis=-1).reshape(-1, 9 * in_ch)
-    dw = (dy.reshape(-1, out_ch).T @ cols).reshape(weight.shape)
-    return dx, dw
+    return dx, _weight_grad(x, dy, weight, stride=1)
 
 
 @mx.custom_function
@@ -64,7 +67,7 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
     x, weight = primals
     dy = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
     B, H, W, in_ch = x.shape
-    _, Ho, Wo, out_ch = dy.shape
+    _, Ho, Wo, _ = dy.shape
     # y[p] = sum_{a,c} xp[2p + (a, c)] W[:, a, c, :] on the 1-padded input xp, so tap (a, c)
     # sends dy[p] W[:, a, c, :] to xp[2p + (a, c)]. Collect the taps per (row, column) parity
     # of that position on an (Ho+1) x (Wo+1) grid, then interleave the four parity planes.
@@ -77,9 +80,7 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
     rows = [mx.stack(planes[r], axis=3) for r in (0, 1)]  # [B, Ho+1, Wo+1, 2, C] per row parity
     dxp = mx.stack(rows, axis=2).reshape(B, 2 * Ho + 2, 2 * Wo + 2, in_ch)
     dx = dxp[:, 1:1 + H, 1:1 + W, :]
-    cols = mx.concatenate(_shifted_taps(x, stride=2), axis=-1).reshape(-1, 9 * in_ch)
-    dw = (dy.reshape(-1, out_ch).T @ cols).reshape(weight.shape)
-    return dx, dw
+    return dx, _weight_grad(x, dy, weight, stride=2)
 
 
 class Conv2d(nn.Conv2d):
