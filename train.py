@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
-from mlx_sd import blas, distributed, memory
+from mlx_sd import blas, device, distributed, memory
 from mlx_sd.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume,
                                save_checkpoint)
 from mlx_sd.data import DataError, dataset_fingerprint, epoch_order, load_or_encode, preprocess, scan
@@ -69,11 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer updates (default {DEFAULT_STEPS} unless --num_train_epochs is given)")
     g.add_argument("--num_train_epochs", type=int, default=None, help="passes over the data (used when --max_train_steps is not set)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~10-40%% more time per step")
-    g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32")
+    g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32 "
+                        "(no float16: its GroupNorm statistics overflow; bfloat16 is emulated on M1/M2)")
     g.add_argument("--memory_limit_gb", type=float, default=None,
-                   help="memory budget for MLX's scheduler (mlx_sd.memory); default with --gradient_checkpointing: "
-                        "UNet weights + 1 GB, otherwise MLX's own; 0 = MLX's own")
+                   help="memory budget for MLX's scheduler (mlx_sd.memory); default with --gradient_checkpointing "
+                        "on the CPU: UNet weights + 1 GB, otherwise MLX's own; 0 = MLX's own")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR loss weighting gamma (5.0 is common; 0 = off)")
     g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (e.g. 0.05; 0 = off)")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, noise, timesteps and LoRA init")
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     from mlx_sd.weights import WeightsError
 
     world = distributed.init()
-    limit = memory.set_budget(None)  # train() may set a budget; callers in-process get theirs back
+    limit = memory.current_limit()  # train() may set a budget; callers in-process get theirs back
+    wired = memory.set_wired_limit()  # Metal only: keep the weights resident
     try:
         return train(args, world)
     except (DataError, ModelFolderError, ConversionError, CheckpointError, AdapterError, ConfigError,
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         mx.set_memory_limit(limit)
+        if wired is not None:
+            mx.set_wired_limit(wired)
 
 
 # Flags that may differ between ranks: paths (their contents are compared instead), display and
@@ -234,6 +238,7 @@ def train(args, world: distributed.World) -> int:
     show = not args.no_progress and main_rank
     say = print if main_rank else (lambda *a, **k: None)
     say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
+    say(device.one_line())
 
     # Data first: a bad dataset should fail before minutes of model loading.
     samples, skipped = scan(args.train_data_dir, strict=args.strict_data)
@@ -358,7 +363,13 @@ def train(args, world: distributed.World) -> int:
         return float(np.mean(losses)), acc, epoch
 
     if args.check:
-        return setup_check(args, stepper, one_update, unet, n_train, max_steps, say)
+        from mlx_sd.validation import measure_peak_gb
+
+        def validation_peak():
+            return measure_peak_gb(folder, unet, tokenizer, validation_prompts(args), args.num_validation_images,
+                                   args.validation_guidance_scale, args.resolution, args.validation_sampler)
+        return setup_check(args, stepper, one_update, unet, n_train, max_steps, say,
+                           None if args.no_validation else validation_peak)
 
     prompts = validation_prompts(args)
     metrics = MetricsLog(run_logs, args.report_to) if main_rank else None
@@ -474,7 +485,7 @@ def train(args, world: distributed.World) -> int:
     return 0
 
 
-def setup_check(args, stepper, one_update, unet, n_train, max_steps, say=print) -> int:
+def setup_check(args, stepper, one_update, unet, n_train, max_steps, say=print, validation_peak=None) -> int:
     """One forward+backward on a real batch; report loss, memory and time estimates."""
     mx.reset_peak_memory()
     timings = []
@@ -489,9 +500,18 @@ def setup_check(args, stepper, one_update, unet, n_train, max_steps, say=print) 
     say(f"trainable parameters: {n_train:,}")
     say(f"loss on the first batches: {loss:.5f} (finite)")
     say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")
-    say(f"peak memory (MLX): {mx.get_peak_memory() / 1e9:.2f} GB")
+    train_peak = mx.get_peak_memory() / 1e9
+    say(f"peak memory (MLX): {train_peak:.2f} GB")
     say(f"time per update: {per_step:.2f} s (first, with compilation: {timings[0]:.2f} s)")
     say(f"estimated run: {max_steps} updates ~ {per_step * max_steps / 3600:.2f} h plus validations")
+    fits, lines = memory.fit_report(train_peak, validation_peak() if validation_peak else None, memory.machine_memory(),
+                                    batch=args.train_batch_size, checkpointing=args.gradient_checkpointing,
+                                    base_dtype=args.base_dtype)
+    for line in lines:
+        say(line)
+    if not fits:
+        say("check FAILED: the run does not fit this machine's memory (see above)")
+        return 1
     say("check passed")
     return 0
 

@@ -23,7 +23,7 @@ def add_lora(unet, gradient_checkpointing: bool):
 
 def train_step(unet, scheduler, params, optimizer, latents, context) -> torch.Tensor:
     noise = torch.randn_like(latents)
-    ts = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    ts = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     pred = unet(scheduler.add_noise(latents, noise, ts), ts, context).sample
     loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
     loss.backward()

@@ -96,11 +96,12 @@ print(json.dumps({"step_times": times, "wall_in_process": time.perf_counter() - 
 
 # Runs a command and reports its peak RSS (the only child of this process).
 MEASURE = r"""
-import json, resource, subprocess, sys, time
+import json, subprocess, sys, time
+from benchmarks.rss import peak_rss_gb
 t = time.perf_counter()
 r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(json.dumps({"rc": r.returncode, "wall": time.perf_counter() - t,
-                  "rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6,
+                  "rss_gb": peak_rss_gb(children=True),
                   "stdout": r.stdout[-4000:], "stderr": r.stderr[-4000:]}))
 """
 

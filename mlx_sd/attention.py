@@ -16,17 +16,20 @@ makes the 4096-token attention of a 512 px step ~1.5x faster than one stream.
 
 Below `min_tokens` query tokens (every block except the largest ones, and all of cross
 attention's keys) the plain fused `mx.fast.scaled_dot_product_attention` is used.
+
+Both the chunking and the streams were measured on the CPU only: `mlx_sd.device` decides them,
+and on a GPU the default is MLX's fused attention (`chunk=None` -> `device.attention_chunk()`);
+an explicit chunk still works there, on the default stream.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from functools import lru_cache
 
 import mlx.core as mx
 
-DEFAULT_CHUNK = 1024
+from . import device
 
 
 @lru_cache(maxsize=None)
@@ -34,33 +37,38 @@ def _cpu_streams(n: int) -> tuple:
     return (mx.default_stream(mx.cpu),) + tuple(mx.new_stream(mx.cpu) for _ in range(n - 1))
 
 
-def lanes() -> tuple:
-    """Streams the chunks are spread over: on the CPU backend each stream is its own thread, and
-    MLX runs elementwise work (softmax's exp) on one thread per stream, so chunks on 2 streams
-    take about half the time. On a GPU the default stream only."""
-    if mx.default_device() != mx.cpu:
-        return (None,)
-    n = int(os.environ.get("MLX_SD_CPU_STREAMS", 0)) or min(os.cpu_count() or 1, 2)
-    return _cpu_streams(max(1, n))
+def chunk_streams() -> tuple:
+    """The streams the chunks alternate over: on the CPU backend each stream is its own thread,
+    and MLX runs elementwise work (softmax's exp) on one thread per stream, so chunks on 2
+    streams take about half the time. On a GPU `(None,)`: the default stream only."""
+    n = device.attention_streams()
+    return (None,) if device.on_gpu() else _cpu_streams(n)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int = DEFAULT_CHUNK,
+def resolve_chunk(chunk: int | None) -> int:
+    """`None` -> this device's default (`mlx_sd.device.attention_chunk()`); 0 -> never chunk."""
+    return device.attention_chunk() if chunk is None else int(chunk)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int | None = None,
               min_tokens: int | None = None) -> mx.array:
     """softmax(q k^T * scale) v for `[B, heads, tokens, head_dim]` inputs.
 
-    `chunk` is the number of query rows in flight at once (0 disables chunking), split between
-    the streams of `lanes()`; chunking is used when the query length is at least `min_tokens`
-    (default `2 * chunk`).
+    `chunk` is the number of query rows in flight at once (0 disables chunking, None takes the
+    device's default), split between the streams of `chunk_streams()`; chunking is used when
+    the query length is at least `min_tokens` (default `2 * chunk`).
     """
-    if not chunks(q.shape[2], chunk, min_tokens):
+    chunk = resolve_chunk(chunk)
+    if not is_chunked(q.shape[2], chunk, min_tokens):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    streams = lanes()
+    streams = chunk_streams()
     # One chunk in flight per stream: split `chunk` rows between them so the memory stays put.
-    return _chunked(float(scale), max(1, int(chunk) // len(streams)), streams)(q, k, v)
+    return _chunked(float(scale), max(1, chunk // len(streams)), streams)(q, k, v)
 
 
-def chunks(query_tokens: int, chunk: int = DEFAULT_CHUNK, min_tokens: int | None = None) -> bool:
+def is_chunked(query_tokens: int, chunk: int | None = None, min_tokens: int | None = None) -> bool:
     """Whether `attention` splits a query of this length into chunks."""
+    chunk = resolve_chunk(chunk)
     return bool(chunk) and query_tokens >= (min_tokens or 2 * chunk)
 
 

@@ -12,13 +12,17 @@ taps are collected per parity of the input position and interleaved: 25-90x fast
 SD1.5's downsampling shapes (55 ms there).
 
 `Conv2d` is `nn.Conv2d` (same parameters, same keys) that takes these paths for padding-1 3x3
-convolutions: stride 1 with fewer pixels than 4x its input channels, and stride 2.
+convolutions: stride 1 with fewer pixels than 4x its input channels, and stride 2. All of this
+was measured on the CPU backend only: on a GPU (`mlx_sd.device.custom_conv_gradients()`) it is
+plain `nn.Conv2d`, MLX's own gradients.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import device
 
 
 def _shifted_taps(x: mx.array, stride: int = 1):
@@ -85,6 +89,8 @@ def _conv3x3_stride2_vjp(primals, cotangent, output):
 
 class Conv2d(nn.Conv2d):
     def __call__(self, x):
+        if not device.custom_conv_gradients():
+            return super().__call__(x)
         w = self.weight
         plain = (w.shape[1:3] == (3, 3) and self.padding == (1, 1) and self.dilation in (1, (1, 1))
                  and getattr(self, "groups", 1) == 1)

@@ -1,8 +1,9 @@
 """`mlx-sd-doctor` / `python -m mlx_sd.doctor`: what this machine runs MLX on.
 
 Prints the MLX version and device, which BLAS MLX's CPU matmuls and convolutions reach (on
-Linux: OpenBLAS preloaded by mlx_sd, or the wheel's slow reference BLAS), and with `--bench`
-a quick float32 matmul/conv throughput figure.
+Linux: OpenBLAS preloaded by mlx_sd, or the wheel's slow reference BLAS), the machine's memory,
+which speed and memory choices hold on this device (`mlx_sd.device`), and with `--bench` a
+quick float32 matmul/conv throughput figure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import platform
 import sys
 import time
 
-from . import blas
+from . import blas, device, memory
 
 
 def _gflops(fn, flops: float, repeats: int = 3) -> float:
@@ -52,6 +53,8 @@ def report(run_bench: bool = False) -> dict:
         "blas": st.describe(),
         "cpu_count": os.cpu_count(),
     }
+    mem = memory.machine_memory()
+    info["memory"] = f"{mem.usable_gb:.1f} GB usable of {mem.total_gb:.1f} GB ({mem.source})"
     if sys.platform.startswith("linux"):
         info["cblas_sgemm_from"] = blas.resolved_sgemm_library() or "MLX's bundled reference BLAS"
     if run_bench:
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(map(len, info))
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
+    print("\n".join(device.describe()))
     if sys.platform.startswith("linux") and blas.status().active != "openblas":
         print("warning: MLX runs on the slow reference BLAS here (~40x slower matmuls); see the reason above")
     return 0

@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from . import device
 from .config import SchedulerConfig
 from .models import ModelFolder, resolve_model
 from .schedulers import SAMPLERS, make_sampler
@@ -78,7 +79,7 @@ class StableDiffusion:
         # mx.compile fuses the UNet's elementwise chains (GroupNorm, SiLU, GEGLU) into GPU kernels.
         # On the CPU backend it measured no faster on the tiny test model and its first call
         # JIT-builds C++ kernels for seconds, so None means "on the GPU only".
-        self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
+        self.compile = device.compile_sampler() if compile is None else bool(compile)
         self.adapters: list[tuple[str, float]] = []
         self._denoise_fn = None
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)

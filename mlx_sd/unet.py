@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import DEFAULT_CHUNK, attention, chunks
+from .attention import attention, is_chunked, resolve_chunk
 from .config import UNetConfig, read_json
 from .conv import Conv2d
 from .weights import load_strict
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         # diffusers' to_out is [Linear, Dropout]; only index 0 holds weights ("to_out.0").
         self.to_out = [nn.Linear(inner, query_dim)]
-        self.chunk = DEFAULT_CHUNK  # query rows per piece at large token counts (mlx_sd.attention)
+        self.chunk = None  # query rows per piece at large token counts; None: the device's default (mlx_sd.device)
 
     def project(self, x, context=None):
         """q, k, v as `[B, heads, tokens, dim_head]`."""
@@ -202,8 +202,8 @@ class BasicTransformerBlock(nn.Module):
         """
         if not checkpoint:
             return self._whole(x, context)
-        rows = self.attn1.chunk
-        if not chunks(x.shape[1], rows, min_tokens=rows):
+        rows = resolve_chunk(self.attn1.chunk)
+        if not is_chunked(x.shape[1], rows, min_tokens=rows):
             return nn.utils.checkpoint(self, self._whole)(x, context)
         q, k, v = nn.utils.checkpoint(self, self._self_qkv)(x)
         o = self.attn1.core(q, k, v, min_tokens=rows)
@@ -356,7 +356,7 @@ class UNet2DConditionModel(nn.Module):
     transformer block's activations during the backward pass: less memory, same numbers. Self-
     attentions over `attention_chunk` tokens or more are not run again; they keep q, k, v and
     their output. `attention_chunk` is the query chunk of the large self-attentions
-    (`mlx_sd.attention`; 0 = never chunk).
+    (`mlx_sd.attention`; 0 = never chunk; None, the default, takes the device's: `mlx_sd.device`).
     """
 
     def __init__(self, config: UNetConfig, gradient_checkpointing: bool = False):
@@ -399,13 +399,13 @@ class UNet2DConditionModel(nn.Module):
 
     @property
     def attention_chunk(self) -> int:
-        return next(m.chunk for _, m in self.named_modules() if isinstance(m, Attention))
+        return resolve_chunk(next(m.chunk for _, m in self.named_modules() if isinstance(m, Attention)))
 
     @attention_chunk.setter
-    def attention_chunk(self, rows: int):
+    def attention_chunk(self, rows: int | None):
         for _, module in self.named_modules():
             if isinstance(module, Attention):
-                module.chunk = int(rows)
+                module.chunk = None if rows is None else int(rows)
 
     def __call__(self, sample: mx.array, timesteps, encoder_hidden_states: mx.array) -> mx.array:
         B, H, W, _ = sample.shape

@@ -62,3 +62,27 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
     del pipe, images
     mx.clear_cache()  # sampling buffers go back before training resumes
     return files
+
+
+def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guidance_scale: float = 7.5,
+                    resolution: int = 512, sampler: str = "dpm++2m") -> float:
+    """MLX's peak (GB) over one validation batch: text encoder and VAE loaded, one sampler step of
+    the classifier-free-guidance batch, the VAE decode. Everything training keeps (the UNet, the
+    optimizer state) stays counted, as during a real validation."""
+    from .pipeline import StableDiffusion
+
+    n = min(4, len(prompts) * num_images)  # run_validation's batch
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
+    was_training = unet.training
+    unet.eval()
+    try:
+        pipe.generate(list(prompts)[:1] * n, steps=1, guidance_scale=guidance_scale, sampler=sampler, seed=0,
+                      height=resolution, width=resolution, batch_size=n, output_type="np")
+    finally:
+        unet.train(was_training)
+    peak = mx.get_peak_memory() / 1e9
+    del pipe
+    mx.clear_cache()
+    return peak

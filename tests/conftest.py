@@ -27,3 +27,20 @@ def tiny_mlx_dir(tiny_diffusers_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_mlx") / "mlx"
     convert_pipeline(tiny_diffusers_dir, out)
     return out
+
+
+@pytest.fixture
+def cpu_branches(monkeypatch):
+    """mlx_sd.device's CPU column, whatever the device or MLX_SD_FORCE_GPU_BRANCHES says: for tests
+    of a CPU-only choice (the suite also runs with the GPU branches forced)."""
+    from mlx_sd import device
+
+    monkeypatch.setattr(device, "on_gpu", lambda: False)
+
+
+@pytest.fixture
+def gpu_branches(monkeypatch):
+    """mlx_sd.device's GPU column while MLX computes on the CPU (as MLX_SD_FORCE_GPU_BRANCHES=1)."""
+    from mlx_sd import device
+
+    monkeypatch.setattr(device, "on_gpu", lambda: True)

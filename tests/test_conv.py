@@ -57,7 +57,7 @@ def test_conv3x3_matches_torch(shape, stride):
     assert max(errs.values()) <= 1e-5, errs
 
 
-def test_custom_path_is_taken_only_for_small_maps(monkeypatch):
+def test_custom_path_is_taken_only_for_small_maps(monkeypatch, cpu_branches):
     import mlx_sd.conv as conv_mod
 
     calls = []

@@ -392,13 +392,14 @@ mx.save_safetensors(sys.argv[1], diffusers_to_ldm(comps))
 """
 
 _MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 import mlx_sd, mlx.core as mx
 from convert.__main__ import main
+from benchmarks.rss import peak_rss_bytes
 t = time.time()
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "s": round(time.time() - t, 1),
-                  "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  "ru_maxrss_gb": round(peak_rss_bytes() / 2**30, 2),
                   "mx_peak_gb": round(mx.get_peak_memory() / 2**30, 2)}))
 """
 
@@ -420,7 +421,7 @@ def test_full_sd15_shape_both_ways_within_mac_memory(tmp_path):
         into = _measure(src, tmp_path / "mlx")  # the bundled SD1.5 configs, as a user would run it
         back = tmp_path / "back.safetensors"
         out = _measure("--to-single-file", tmp_path / "mlx", back)
-        print(f"\nfull SD1.5 shape ({size_gb:.2f} GiB file): import {into}; export {out} (GiB, seconds; ru_maxrss on Linux)")
+        print(f"\nfull SD1.5 shape ({size_gb:.2f} GiB file): import {into}; export {out} (GiB, seconds; peak RSS)")
         assert into["rc"] == 0 and out["rc"] == 0
 
         orig, again = mx.load(str(src)), mx.load(str(back))

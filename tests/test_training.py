@@ -272,7 +272,7 @@ def test_bfloat16_base_trains_float32_adapter(tiny_mlx_dir, tmp_path):
     assert abs(bf16[0] - f32[0]) / f32[0] < 0.05
 
 
-def test_memory_budget_follows_checkpointing_and_is_restored(tiny_mlx_dir, tmp_path, capsys, monkeypatch):
+def test_memory_budget_follows_checkpointing_and_is_restored(tiny_mlx_dir, tmp_path, capsys, monkeypatch, cpu_branches):
     from mlx_sd import memory
 
     data = make_dataset(tmp_path / "data", n=2)

@@ -192,7 +192,7 @@ def test_gradient_checkpointing_same_loss_and_grads_less_memory(tiny_pair):
 
 
 
-def test_checkpointing_keeps_large_self_attention_out_of_the_recompute(tiny_pair, monkeypatch):
+def test_checkpointing_keeps_large_self_attention_out_of_the_recompute(tiny_pair, monkeypatch, cpu_branches):
     """Under checkpointing, a self-attention over >= `attention_chunk` tokens runs once per step
     (its own backward recomputes the probabilities); shorter ones and cross-attention run again
     in the recomputation. Same gradients as without checkpointing either way (test above)."""
