@@ -11,21 +11,22 @@ It runs `benchmarks/train_step.py`'s workers, one fresh process per framework an
 
 from __future__ import annotations
 
-import mlx_sd  # noqa: F401,I001  (first: puts the fast BLAS under MLX before mlx.core loads)
-
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx_sd  # noqa: F401  (first: puts the fast BLAS under MLX before mlx.core loads)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import measure, parser, table  # noqa: E402  (benchmarks/train_step.py)
+from train_step import measure, parser, table
 
 
 def _sysctl(name: str) -> str | None:
     try:
-        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip() or None
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -160,15 +160,17 @@ def measure(args) -> list:
 
 def table(rows, base_dtype: str = "float32") -> list[str]:
     """The side-by-side table as text lines (Markdown-compatible)."""
-    backends = {r[3].get("backend") for r in rows if "backend" in r[3]} | {r[4].get("backend") for r in rows if "backend" in r[4]}
+    backends = {r[side].get("backend") for r in rows for side in (3, 4) if "backend" in r[side]}
     lines = ["; ".join(sorted(b for b in backends if b)),
              "| shape | MLX s/step | torch s/step | ratio | MLX peak | MLX RSS | torch peak (MPS) | torch RSS |",
              "|---|---|---|---|---|---|---|---|"]
     for size, batch, ck, m, t in rows:
         ratio = m["s_step"] / t["s_step"] if "s_step" in m and "s_step" in t else None
-        label = f"{size}px b{batch} ckpt {'on' if ck else 'off'}" + ("" if base_dtype == "float32" else f" {base_dtype}")
+        label = f"{size}px b{batch} ckpt {'on' if ck else 'off'}" + ("" if base_dtype == "float32" else
+                                                                      f" {base_dtype}")
         lines.append(f"| {label} | {fmt(m.get('s_step'))} | {fmt(t.get('s_step'))} | {fmt(ratio, 'x')} | "
-                     f"{fmt(m.get('peak_gb'), ' GB')} | {fmt(m.get('rss_gb'), ' GB')} | {fmt(t.get('peak_gb'), ' GB')} | "
+                     f"{fmt(m.get('peak_gb'), ' GB')} | {fmt(m.get('rss_gb'), ' GB')} | "
+                     f"{fmt(t.get('peak_gb'), ' GB')} | "
                      f"{fmt(t.get('rss_gb'), ' GB')} |")
         for side, r in (("MLX", m), ("torch", t)):
             if "error" in r and r["error"] != "skipped":

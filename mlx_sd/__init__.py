@@ -31,7 +31,7 @@ _problem = platform_problem()
 if _problem:
     raise ImportError(_problem)
 
-from . import blas as _blas  # noqa: E402  (after the check: it imports nothing from MLX)
+from . import blas as _blas
 
 _blas.setup()
 

@@ -53,7 +53,7 @@ def attention_streams() -> int:
     """How many streams the attention chunks alternate over (each CPU stream is a thread)."""
     if on_gpu():
         return 1
-    return max(1, int(os.environ.get(CPU_STREAMS_ENV, 0)) or min(os.cpu_count() or 1, 2))
+    return max(1, int(os.environ.get(CPU_STREAMS_ENV, "0")) or min(os.cpu_count() or 1, 2))
 
 
 def attention_chunk() -> int:

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from . import device
@@ -110,8 +110,8 @@ def fit_report(train_peak_gb: float, validation_peak_gb: float | None, machine: 
     Returns (fits, lines)."""
     need = max(train_peak_gb, validation_peak_gb or 0.0)
     val = f", validation {validation_peak_gb:.2f} GB" if validation_peak_gb is not None else ""
-    lines = [f"memory: training peak {train_peak_gb:.2f} GB{val}; this machine: {machine.usable_gb:.1f} GB usable "
-             f"of {machine.total_gb:.1f} GB ({machine.source})"]
+    lines = [(f"memory: training peak {train_peak_gb:.2f} GB{val}; this machine: {machine.usable_gb:.1f} GB usable "
+              f"of {machine.total_gb:.1f} GB ({machine.source})")]
     if machine.usable_gb <= 0:
         lines.append("memory: could not read this machine's memory; compare the peak above with it yourself")
         return True, lines

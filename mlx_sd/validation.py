@@ -74,7 +74,8 @@ def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guida
     n = min(4, len(prompts) * num_images)  # run_validation's batch
     mx.clear_cache()
     mx.reset_peak_memory()
-    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
+    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(),
+                           compile=False)
     was_training = unet.training
     unet.eval()
     try:

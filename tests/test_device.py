@@ -9,8 +9,6 @@ branches run with their queries faked. `test_every_device_branch_has_a_test` fai
 `mx.default_device()` / `sys.platform` / `mlx_sd.device` branch appears without a test named for it.
 """
 
-import mlx_sd  # noqa: F401  (before mlx.core: installs the fast BLAS)
-
 import ast
 import os
 import re
@@ -23,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_sd
 from mlx_sd import device, memory
 from mlx_sd.attention import attention, chunk_streams, is_chunked
 
@@ -67,7 +66,7 @@ def test_gpu_attention_branch_same_numbers(monkeypatch):
 
     def run():
         streams = chunk_streams()
-        f = lambda q, k, v: attention(q, k, v, 0.35, chunk=32, min_tokens=1)  # noqa: E731
+        f = lambda q, k, v: attention(q, k, v, 0.35, chunk=32, min_tokens=1)
         grads = mx.grad(lambda q, k, v: mx.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
         return streams, [np.array(a) for a in (f(q, k, v), *grads)]
 
@@ -121,8 +120,9 @@ def test_gpu_conv_branch_same_numbers(monkeypatch, shape, stride):
 
 
 def _check_run(tiny_mlx_dir, tmp_path, capsys, name):
-    import train
     from test_training import BASE, make_dataset
+
+    import train
 
     data = tmp_path / "data"
     if not data.exists():
@@ -131,7 +131,7 @@ def _check_run(tiny_mlx_dir, tmp_path, capsys, name):
     try:
         rc = train.main([str(a) for a in ("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", data,
                                           "--output_dir", tmp_path / name, "--check", "--gradient_checkpointing",
-                                          "--no_progress", *BASE)])
+                                          "--no_progress", *BASE, "--resolution", 64)])
         assert mx.get_memory_limit() == 77_000_000_000  # restored after the run
     finally:
         mx.set_memory_limit(before)
@@ -160,7 +160,7 @@ def test_gpu_budget_off_same_loss(tiny_mlx_dir, tmp_path, capsys, monkeypatch):
 def test_gpu_sampler_compiles_same_image(tiny_mlx_dir, monkeypatch):
     from mlx_sd.pipeline import StableDiffusion
 
-    kw = dict(steps=2, height=64, width=64, seed=5, output_type="np", sampler="ddim")
+    kw = {"steps": 2, "height": 64, "width": 64, "seed": 5, "output_type": "np", "sampler": "ddim"}
     cpu, gpu = both_columns(monkeypatch, lambda: StableDiffusion.from_folder(tiny_mlx_dir))
     assert not cpu.compile and gpu.compile
     a, b = cpu.generate("a red shoe", **kw), gpu.generate("a red shoe", **kw)
@@ -273,13 +273,14 @@ def test_old_python_gets_the_readme_message(tmp_path):
     check = re.search(r'"\$PY" -c (\'[^\']*version_info[^\']*\')', readme)
     assert check, "README's set-up command lost its Python version check"
     r = subprocess.run(f"PY={sys.executable}; \"$PY\" -c {check.group(1)} && echo next-step", shell=True,
-                       env=env, capture_output=True, text=True)
+                       env=env, capture_output=True, text=True, check=False)
     assert r.returncode != 0 and "next-step" not in r.stdout
     assert "Python 3.10 or newer" in r.stderr and "python@3.12" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-c", "import mlx_sd"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", "import mlx_sd"], env=env, capture_output=True, text=True,
+                       cwd=tmp_path, check=False)
     assert r.returncode != 0 and "needs Python 3.10 or newer; this is 3.9" in r.stderr, r.stderr[-500:]
     r = subprocess.run(f"PY={sys.executable}; \"$PY\" -c {check.group(1)} && echo next-step", shell=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "next-step" in r.stdout, r.stderr  # this Python passes
 
 
@@ -288,8 +289,8 @@ BRANCH_PATTERN = re.compile(r"mx\.default_device\(\)|sys\.platform|platform\.mac
                             r"|device\.(on_gpu|on_metal|memory_budget_applies|custom_conv_gradients|"
                             r"attention_streams|attention_chunk|compile_sampler)\(")
 BRANCHES = {
-    ("mlx_sd/__init__.py", "def platform_problem(version: tuple = tuple(_sys.version_info[:2]), "
-                           "system: str = _sys.platform,"): "test_platform_problems_are_named",
+    ("mlx_sd/__init__.py", ("def platform_problem(version: tuple = tuple(_sys.version_info[:2]), "
+                            "system: str = _sys.platform,")): "test_platform_problems_are_named",
     ("mlx_sd/__init__.py", "machine: str = _platform.machine()) -> str | None:"): "test_platform_problems_are_named",
     ("mlx_sd/attention.py", "return (None,) if device.on_gpu() else _cpu_streams(n)"):
         "test_gpu_attention_branch_same_numbers",
