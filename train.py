@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~10-40%% more time per step")
     g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the frozen UNet weights and activations; LoRA, optimizer and loss stay float32 "
-                        "(no float16: its GroupNorm statistics overflow; bfloat16 is emulated on M1/M2)")
+                        "(no float16: it needs float32 GroupNorm/softmax statistics; bfloat16 is emulated on M1/M2)")
     g.add_argument("--memory_limit_gb", type=float, default=None,
                    help="memory budget for MLX's scheduler (mlx_sd.memory); default with --gradient_checkpointing "
                         "on the CPU: UNet weights + 1 GB, otherwise MLX's own; 0 = MLX's own")

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from mlx_sd.attention import attention, lanes
+from mlx_sd.attention import attention, chunk_streams
 from mlx_sd.blas import status as blas_status
 from mlx_sd.config import UNetConfig, read_json
 from mlx_sd.configs import SD15
@@ -54,7 +54,7 @@ def main():
     config = UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json"))
     latent = args.resolution // 8
     B, r = args.batch, args.repeats
-    streams = lanes()
+    streams = chunk_streams()
     print(f"MLX {mx.__version__} {mx.default_device()}, {blas_status().describe()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.resolution} px, batch {B}; {len(streams)} MLX stream(s)\n")
 

@@ -255,6 +255,15 @@ def test_doctor_prints_device_choices_and_memory(capsys, monkeypatch):
         assert ("cblas_sgemm_from" in out) == sys.platform.startswith("linux")
 
 
+def test_float16_base_is_refused(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train_data_dir", "x", "--base_dtype", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+    assert train.parse_args(["--train_data_dir", "x", "--base_dtype", "bfloat16"]).base_dtype == "bfloat16"
+
+
 def test_platform_problems_are_named():
     assert mlx_sd.platform_problem() is None
     assert "needs Python 3.10 or newer; this is 3.9" in mlx_sd.platform_problem((3, 9), "darwin", "arm64")
