@@ -157,6 +157,21 @@ def test_gpu_budget_off_same_loss(tiny_mlx_dir, tmp_path, capsys, monkeypatch):
     assert both_columns(monkeypatch, lambda: memory.auto_budget_gb(unet, False)) == (None, None)
 
 
+def test_validation_peak_counts_encoders_and_cfg_batch(tiny_mlx_dir):
+    from mlx_sd.models import ModelFolder
+    from mlx_sd.validation import measure_peak_gb
+
+    folder = ModelFolder(tiny_mlx_dir)
+    unet = folder.unet()
+    unet.train()
+    weights = sum(memory.weights_gb(m) for m in (unet, folder.vae(), folder.text_encoder()))
+    small = measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=1, resolution=64)
+    large = measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=4, resolution=128)
+    print(f"validation peak (tiny model): 1 image 64 px {small * 1e3:.1f} MB, 4 images 128 px {large * 1e3:.1f} MB; "
+          f"weights {weights * 1e3:.1f} MB")
+    assert weights <= small < large and unet.training  # training mode restored
+
+
 def test_gpu_sampler_compiles_same_image(tiny_mlx_dir, monkeypatch):
     from mlx_sd.pipeline import StableDiffusion
 
