@@ -10,7 +10,7 @@ plus non-weight buffers (DDPM schedule, `position_ids`) that are ignored.
 Only names change here, plus one layout the two formats disagree on: the VAE mid-block
 attention q/k/v/proj_out are 1x1 convs (out, in, 1, 1) in LDM and Linear (out, in) in diffusers.
 The UNet transformer `proj_in`/`proj_out` are 1x1 convs in both (SD1.x). Tensors keep torch
-layouts (OIHW); `convert.diffusers` does the diffusers <-> MLX step.
+layouts (OIHW); `convert.layout` does the diffusers <-> MLX step.
 
 The block numbering is read from the keys themselves (where the down/upsamplers sit), so the
 same functions serve SD1.5 and the narrower test configs.

@@ -139,15 +139,6 @@ def set_batch_shard(model: nn.Module, shard: int, shards: int) -> None:
         layer.shard, layer.shards = shard, shards
 
 
-def lora_state(model: nn.Module) -> dict[str, mx.array]:
-    """The adapter tensors, keyed `<module path>.lora_A.weight` / `.lora_B.weight`."""
-    out = {}
-    for path, layer in lora_layers(model).items():
-        out[f"{path}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{path}.lora_B.weight"] = layer.lora_B.weight
-    return out
-
-
 def trainable_count(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 

@@ -11,6 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def setup_logging(log_dir: Path) -> None:
+    """main_log.txt in `log_dir`; warnings and errors also on stderr (unless logged with FILE_ONLY)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -22,7 +23,11 @@ def setup_logging(log_dir: Path) -> None:
         sh = logging.StreamHandler()
         sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         sh.setLevel(logging.WARNING)
+        sh.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(sh)
+
+
+FILE_ONLY = {"file_only": True}  # `logger.error(msg, extra=FILE_ONLY)`: for messages also printed to the user
 
 
 class MetricsLog:

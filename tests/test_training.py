@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 import train
 from lora import LoRAConfig, inject_lora, lora_layers
 from mlx_sd.data import read_captions, scan
-from mlx_sd.models import ModelFolder
+from mlx_sd.model_folder import ModelFolder
 from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.training import LR_SCHEDULERS, LossConfig, TrainStep, lr_factor
 
@@ -180,7 +180,7 @@ def test_second_run_reuses_cache(tiny_mlx_dir, tmp_path, monkeypatch):
         raise AssertionError("images re-encoded although the cache is valid")
 
     monkeypatch.setattr(data_mod, "encode_images", fail)
-    assert run_train(*args) == 0
+    assert run_train(*args, "--overwrite") == 0  # a new run in the same folder keeps the cache
 
 
 def test_bad_entries_are_skipped_and_named(tiny_mlx_dir, tmp_path, capsys):
