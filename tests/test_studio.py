@@ -65,7 +65,7 @@ def make_generated(path: Path, color, prompts=PROMPTS, n=2, seed=0) -> Path:
             name = f"prompt{p:05d}_img{i:03d}.png"
             info = PngInfo()
             info.add_text("parameters", f"{prompt}\nNegative prompt: \nSteps: 25, Seed: {seed + 1000 * p + i}")
-            Image.new("RGB", (32, 32), color).save(path / "images" / name, pnginfo=info)
+            Image.new("RGB", (32, 32), tuple(color)).save(path / "images" / name, pnginfo=info)
             captions[name] = prompt
     (path / "captions.json").write_text(json.dumps(captions))
     return path

@@ -37,34 +37,33 @@ def win_matrix(n: int, a: np.ndarray, b: np.ndarray, outcome: np.ndarray, weight
     return W
 
 
-def fit_bradley_terry(W: np.ndarray, ridge: float = RIDGE, tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+def fit_bradley_terry(W: np.ndarray, ridge: float = RIDGE, tol: float = 1e-9, max_iter: int = 100,
+                      start: np.ndarray | None = None) -> np.ndarray:
     """Strengths t (natural-log odds scale, summing to zero) maximising sum W[i,j] log sigmoid(t_i - t_j)."""
     n = W.shape[0]
     N = W + W.T
-    t = np.zeros(n)
+    t = np.zeros(n) if start is None else np.array(start, dtype=np.float64)
 
     def loss(t):
-        d = t[:, None] - t[None, :]
-        return float(np.sum(W * np.logaddexp(0.0, -d)) + 0.5 * ridge * t @ t)
+        return float(np.sum(W * np.logaddexp(0.0, t[None, :] - t[:, None])) + 0.5 * ridge * t @ t)
 
     cur = loss(t)
     for _ in range(max_iter):
-        P = 1.0 / (1.0 + np.exp(-(t[:, None] - t[None, :])))
+        P = 1.0 / (1.0 + np.exp(t[None, :] - t[:, None]))
         grad = (N * P - W).sum(axis=1) + ridge * t
-        if np.max(np.abs(grad)) < tol:
-            break
         C = N * P * (1.0 - P)
-        H = np.diag(C.sum(axis=1) + ridge) - C
-        step = np.linalg.solve(H, grad)
+        step = np.linalg.solve(np.diag(C.sum(axis=1) + ridge) - C, grad)
+        # Damped Newton: halve the step while it raises the loss (it overshoots when one side wins
+        # nearly everything); the slack absorbs rounding once the optimum is reached.
         s = 1.0
-        while s > 1e-8:  # backtracking: Newton can overshoot when one side wins nearly everything
+        for _ in range(30):
             new = loss(t - s * step)
-            if new <= cur:
+            if new <= cur + 1e-12 * abs(cur):
                 break
             s *= 0.5
-        if new > cur:  # no step lowers the loss: converged to rounding
+        t, cur = t - s * step, min(cur, new)
+        if np.max(np.abs(s * step)) < tol:
             break
-        t, cur = t - s * step, new
     return t - t.mean()
 
 
@@ -77,10 +76,15 @@ def bootstrap(n: int, a: np.ndarray, b: np.ndarray, outcome: np.ndarray, rounds:
     """Elo-scale scores of `rounds` fits, each on the battles resampled with replacement: (rounds, n)."""
     rng = np.random.default_rng(seed)
     m = len(a)
+    # Resampling battles with replacement = a multinomial draw over the distinct (a, b, outcome) kinds,
+    # which keeps each round O(n^2) however many votes there are.
+    kinds, counts = np.unique((a * n + b) * 3 + outcome, return_counts=True)
+    ka, kb, ko = kinds // 3 // n, kinds // 3 % n, kinds % 3
+    start = fit_bradley_terry(win_matrix(n, a, b, outcome))
     out = np.empty((rounds, n))
     for r in range(rounds):
-        counts = rng.multinomial(m, np.full(m, 1.0 / m))
-        out[r] = elo(fit_bradley_terry(win_matrix(n, a, b, outcome, counts)))
+        w = rng.multinomial(m, counts / m)
+        out[r] = elo(fit_bradley_terry(win_matrix(n, ka, kb, ko, w), start=start))
     return out
 
 

@@ -234,15 +234,22 @@ def create_app(folders: list[str | Path], db: str | Path, token: str | None = No
         return JSONResponse({"id": vote_id, "answer": answer, "left": names[0], "right": names[1],
                              "votes": store.count()})
 
-    async def api_results(request: Request):
+    results_cache: dict[tuple[int, int], dict] = {}
+
+    def api_results(request: Request):
+        # A plain function: Starlette runs it in a worker thread, so the bootstrap never stalls other requests.
         from .ranking import summarize
 
-        rows = store.rows()
         try:
             rounds = min(2000, max(0, int(request.query_params.get("rounds", "1000"))))
         except ValueError:
             return bad("rounds must be an integer")
-        return JSONResponse(summarize(rows, rounds=rounds), headers={"Cache-Control": "no-store"})
+        rows = store.rows()
+        key = (len(rows), rounds)  # rows are append-only: the count identifies the set
+        if key not in results_cache:
+            results_cache.clear()
+            results_cache[key] = summarize(rows, rounds=rounds)
+        return JSONResponse(results_cache[key], headers={"Cache-Control": "no-store"})
 
     async def api_csv(request: Request):
         return Response(store.csv(), media_type="text/csv",

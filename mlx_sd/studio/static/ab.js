@@ -40,6 +40,7 @@ async function next() {
   document.getElementById("arena").hidden = false;
   document.getElementById("arena").dataset.pair = d.pair;
   busy = false;
+  document.body.dataset.ready = "1";
 }
 
 async function vote(answer) {
@@ -47,6 +48,7 @@ async function vote(answer) {
   const rater = document.getElementById("rater").value.trim();
   if (!rater) { msg("enter a rater name first", true); return; }
   busy = true;
+  document.body.dataset.ready = "0";
   localStorage.setItem("studio-rater", rater);
   try {
     const r = await getJSON("/api/ab/vote", {
@@ -64,6 +66,7 @@ async function vote(answer) {
   } catch (e) {
     msg(`vote not stored: ${e.message}`, true);
     busy = false;
+    document.body.dataset.ready = "1";
   }
 }
 

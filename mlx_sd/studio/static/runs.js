@@ -85,6 +85,10 @@ function draw(card, metric) {
     const line = el("polyline", { points: pts(s.points), stroke: s.color, class: "series",
       "data-run": s.run, "data-key": s.key, "data-n": s.points.length }, svg);
     if (s.dashed) line.setAttribute("stroke-dasharray", "5 3");
+    if (s.dashed || s.points.length < 2) {  // sparse series (held-out loss) get a dot per value
+      for (const [x, y] of s.points) el("circle", { cx: sx(x), cy: sy(ty(y)), r: 3, fill: s.color, class: "marker",
+        "data-run": s.run, "data-key": s.key }, svg);
+    }
     if (smooth && !s.dashed) {
       line.setAttribute("stroke-opacity", "0.3");
       el("polyline", { points: pts(smoothed(s.points, 20)), stroke: s.color, class: "smooth", "stroke-width": 2.2 }, svg);
