@@ -34,17 +34,17 @@ PROMPTS = ["a black shoe on white", "a brown boot on white"]
 # ----------------------------------------------------------------------------- folders as the product writes them
 
 
-def metric_line(step: int) -> str:
-    return json.dumps({"step": step, "epoch": 0, "loss": 0.1 / step, "lr": 1e-4, "grad_norm": 0.5 + step % 3,
+def metric_line(step: int, scale: float = 0.1) -> str:
+    return json.dumps({"step": step, "epoch": 0, "loss": scale / step, "lr": 1e-4, "grad_norm": 0.5 + step % 3,
                        "s_per_step": 2.5, "peak_memory_gb": 12.0}) + "\n"
 
 
-def make_run(path: Path, steps=(100, 200, 300), prompts=PROMPTS, images=2, lines=7, seed=42) -> Path:
+def make_run(path: Path, steps=(100, 200, 300), prompts=PROMPTS, images=2, lines=7, seed=42, scale=0.1) -> Path:
     """A train.py --output_dir: logs/<time>/metrics.jsonl + config.json, validation PNGs (colour = step)."""
     logs = path / "logs" / "20260101-120000"
     logs.mkdir(parents=True)
     (logs / "config.json").write_text(json.dumps({"seed": seed, "validation_prompts": list(prompts)}))
-    (logs / "metrics.jsonl").write_text("".join(metric_line(s) for s in range(1, lines + 1)))
+    (logs / "metrics.jsonl").write_text("".join(metric_line(s, scale) for s in range(1, lines + 1)))
     val = path / "validation"
     val.mkdir()
     for s in steps:

@@ -55,7 +55,7 @@ def browser():
 @pytest.fixture
 def setup(tmp_path):
     run = make_run(tmp_path / "shoes-r8")
-    run2 = make_run(tmp_path / "shoes-r16", lines=5, steps=(100, 200))
+    run2 = make_run(tmp_path / "shoes-r16", lines=5, steps=(100, 200), scale=0.07)
     base = make_generated(tmp_path / "base", BLUE)
     lora = make_generated(tmp_path / "lora", RED)
     db = tmp_path / "votes.sqlite"
@@ -187,7 +187,11 @@ def test_twenty_keyboard_votes_are_stored_ranked_and_survive_a_restart(browser, 
     assert all(r[:3] == ("ana", "base", "lora") for r in rows)
     assert [r[4] for r in rows] == [a for _, a in expected]
     assert [r[3] for r in rows] == ["BA" if side == "left" else "AB" for side, _ in expected]  # lora left = BA
-    page.wait_for_function("() => document.querySelectorAll('#ranking tr').length === 3")
+    page.wait_for_selector('#results[data-votes="20"]', state="attached")
+    cells = page.evaluate("() => [...document.querySelectorAll('#pairs tr')].map(r => [...r.cells].map(c => c.innerText))")
+    answers = [a for _, a in expected]
+    assert cells[1:] == [["base vs lora", "0", str(answers.count("B")), str(answers.count("tie")),
+                          str(answers.count("both_bad"))]]
     ranking = page.locator("#ranking tr").all_inner_texts()
     assert "lora" in ranking[1] and "base" in ranking[2]
     screenshot(page, "studio-ab.png")

@@ -72,13 +72,18 @@ async function vote(answer) {
 
 function cell(v, digits) { return v === null || v === undefined ? "-" : Number(v).toFixed(digits); }
 
+let resultsAsked = 0;
+
 async function results() {
+  const ask = ++resultsAsked;
   const d = await getJSON("/api/ab/results?rounds=1000");
+  if (ask !== resultsAsked) return;  // a newer request is on its way; its answer counts more votes
   const box = document.getElementById("results");
+  box.dataset.votes = d.votes;
   if (!d.votes) { box.innerHTML = '<div class="muted">No votes yet.</div>'; return; }
   const ratings = `<div class="card"><h3>Bradley-Terry scores (Elo scale, 95% bootstrap interval, ${d.bootstrap_rounds} rounds)</h3>
     <table id="ranking"><tr><th>#</th><th>source</th><th>score</th><th>95% interval</th><th>battles</th></tr>` +
-    d.ratings.map((r, i) => `<tr><td>${i + 1}</td><td>${esc(r.name)}</td><td>${cell(r.score, 0)}</td>
+    d.ratings.map((r, i) => `<tr><td>${i + 1}</td><td class="name">${esc(r.name)}</td><td>${cell(r.score, 0)}</td>
       <td>${cell(r.lo, 0)} .. ${cell(r.hi, 0)}</td><td>${r.battles}</td></tr>`).join("") + "</table></div>";
   const pairs = `<div class="card"><h3>Votes per comparison (${d.votes} in all)</h3><table id="pairs">
     <tr><th>source 1 vs source 2</th><th>1 wins</th><th>2 wins</th><th>ties</th><th>both bad</th></tr>` +

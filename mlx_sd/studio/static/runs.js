@@ -14,7 +14,17 @@ const svgNS = "http://www.w3.org/2000/svg";
 function fmt(v) {
   if (v === 0) return "0";
   const a = Math.abs(v);
-  return a >= 1e4 || a < 1e-3 ? v.toExponential(1) : Number(v.toPrecision(3)).toString();
+  return a >= 1e4 || a < 1e-3 ? v.toExponential(2) : Number(v.toPrecision(3)).toString();
+}
+
+function ticks(lo, hi, n, integer) {
+  // Round values (1, 2 or 5 times a power of ten) inside [lo, hi]; whole numbers for steps.
+  const raw = (hi - lo) / n, mag = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 5, 10].find((m) => m * mag >= raw) * mag;
+  if (integer) step = Math.max(1, Math.round(step));
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+  return out;
 }
 
 function smoothed(points, k) {
@@ -70,11 +80,12 @@ function draw(card, metric) {
   const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const yv = y0 + ((y1 - y0) * i) / 4, xv = x0 + ((x1 - x0) * i) / 4;
+  for (const yv of ticks(y0, y1, 5, false)) {
     el("line", { x1: L, x2: W - R, y1: sy(yv), y2: sy(yv), class: "grid" }, svg);
     el("text", { x: L - 4, y: sy(yv) + 3, "text-anchor": "end" }, svg).textContent = fmt(logy ? 10 ** yv : yv);
-    el("text", { x: sx(xv), y: H - B + 14, "text-anchor": "middle" }, svg).textContent = Math.round(xv);
+  }
+  for (const xv of ticks(x0, x1, 6, true)) {
+    el("text", { x: sx(xv), y: H - B + 14, "text-anchor": "middle" }, svg).textContent = xv;
   }
   el("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }, svg);
   el("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }, svg);
