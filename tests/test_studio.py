@@ -6,7 +6,9 @@ through http.client so paths reach it byte for byte (no client-side `..` normali
 
 from __future__ import annotations
 
+import csv
 import http.client
+import io
 import json
 import os
 import re
@@ -24,9 +26,9 @@ from PIL.PngImagePlugin import PngInfo
 
 pytest.importorskip("starlette", reason="the studio extra is not installed: pip install -e '.[studio]'")
 
-from mlx_sd.studio import ranking  # noqa: E402
-from mlx_sd.studio.sources import Item, MetricsTail, Source, match, open_roots, safe_path  # noqa: E402
-from mlx_sd.studio.votes import VoteStore  # noqa: E402
+from mlx_sd.studio import ranking
+from mlx_sd.studio.sources import Item, MetricsTail, Source, match, open_roots, safe_path
+from mlx_sd.studio.votes import VoteStore
 
 PROMPTS = ["a black shoe on white", "a brown boot on white"]
 
@@ -252,8 +254,25 @@ def test_sources_from_run_and_generate_folders(folders, tmp_path):
                                                         for i in range(2)}
     pairs = cat.pairs(by_name["base"], by_name["lora"])
     assert len(pairs) == 4 and all(p.a.rel == p.b.rel for p in pairs)
+    # Real photos (a training set: images/ + captions.json as a list of records, no seeds) pair on the caption.
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    for k, prompt in enumerate(PROMPTS):
+        Image.new("RGB", (16, 16)).save(photos / "images" / f"real{k}.jpg")
+    (photos / "images" / "captions.json").write_text(json.dumps(
+        [{"file_name": f"real{k}.jpg", "text": p} for k, p in enumerate(PROMPTS)] + [{"file_name": "gone.png", "text": "x"}]))
+    cat = Catalog(open_roots([photos, folders[2]]))
+    real, lora = cat.sources()
+    assert [(i.rel, i.seed) for i in real.items] == [("images/real0.jpg", None), ("images/real1.jpg", None)]
+    assert sorted((p.a.prompt, p.b.seed) for p in cat.pairs(real, lora)) == [(PROMPTS[0], 0), (PROMPTS[1], 1000)]
+    # A folder of runs (runs/) opens every run inside it.
+    parent = tmp_path / "runs"
+    make_run(parent / "r8")
+    make_run(parent / "r16")
+    (parent / "notes").mkdir()
+    assert [(r.name, r.is_run) for r in open_roots([parent])] == [("runs/r16", True), ("runs/r8", True)]
     with pytest.raises(ValueError, match="neither a training run"):
-        open_roots([tmp_path])
+        open_roots([parent / "notes"])
 
 
 def test_safe_path(tmp_path):
@@ -317,6 +336,9 @@ def test_server_rejects_bad_votes_and_stores_nothing(studio, tmp_path):
     assert status == 200
     vote = json.loads(data)
     assert {vote["left"], vote["right"]} == {"base", "lora"}
+    status, data = studio.request("GET", "/api/ab/votes.csv")
+    exported = list(csv.DictReader(io.StringIO(data.decode())))
+    assert status == 200 and len(exported) == 1 and exported[0]["rater"] == "t" and exported[0]["pair_id"] == nxt["pair"]
     rows = sqlite3.connect(tmp_path / "votes.sqlite").execute("SELECT source_a, source_b, shown, answer FROM votes")
     rows = rows.fetchall()
     assert len(rows) == 1
@@ -336,7 +358,7 @@ def test_blind_images_follow_the_hidden_placement(studio):
         for side in ("left", "right"):
             status, data = studio.request("GET", nxt[side])
             assert status == 200
-            colors.append(Image.open(__import__("io").BytesIO(data)).getpixel((0, 0)))
+            colors.append(Image.open(io.BytesIO(data)).getpixel((0, 0)))
         assert sorted(colors) == [(0, 0, 255), (255, 0, 0)]
         seen.add(tuple(colors))
     assert len(seen) == 2  # both placements occur (probability 1 - 2 * 2^-12 that a fair placement shows both)
@@ -370,5 +392,5 @@ def test_loopback_server_refuses_foreign_host_header(studio):
 
 def test_cli_refuses_a_folder_that_is_neither(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mlx_sd.studio", str(tmp_path), "--port", "0"],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "neither a training run" in r.stderr

@@ -17,13 +17,24 @@ import hmac
 import re
 import secrets
 import socket
+import sqlite3
 import sys
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
-from .sources import IMAGE_SUFFIXES, Catalog, MetricsTail, StudioError, metrics_files, open_roots, run_config, \
-    safe_path, validation_images, validation_prompts
+from .sources import (
+    IMAGE_SUFFIXES,
+    Catalog,
+    MetricsTail,
+    StudioError,
+    metrics_files,
+    open_roots,
+    run_config,
+    safe_path,
+    validation_images,
+    validation_prompts,
+)
 from .votes import VoteStore
 
 STATIC = Path(__file__).parent / "static"
@@ -192,7 +203,7 @@ def create_app(folders: list[str | Path], db: str | Path, token: str | None = No
 
     async def api_image(request: Request):
         q = request.query_params
-        a, b, pairs = pair_context(q.get("a", ""), q.get("b", ""))
+        _, _, pairs = pair_context(q.get("a", ""), q.get("b", ""))
         pair, nonce, side = pairs.get(q.get("pair", "")), q.get("nonce", ""), q.get("side", "")
         if pair is None or not NONCE_RE.match(nonce) or side not in SIDES:
             raise HTTPException(400, "unknown pair, bad nonce or side")
@@ -298,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        import uvicorn
         import starlette  # noqa: F401
+        import uvicorn
     except ImportError:
         print("error: the studio needs its extra: pip install 'mlx-sd-lora[studio]' (starlette, uvicorn)",
               file=sys.stderr)
@@ -318,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         sock.listen(128)  # connections queue from now on, so the printed address works at once
     except (StudioError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:
+        print(f"error: vote database {db}: {e}; choose another file with --db", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host

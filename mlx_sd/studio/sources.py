@@ -44,25 +44,39 @@ class Root:
     has_captions: bool
 
 
+def _kind(p: Path) -> tuple[bool, bool]:
+    is_run = (p / "logs").is_dir() or (p / "validation").is_dir() or (p / "metrics.jsonl").is_file()
+    has_captions = any((d / f).is_file() for d in (p, p / "images") for f in ("captions.json", "metadata.jsonl"))
+    return is_run, has_captions
+
+
 def open_roots(folders: list[str | Path]) -> list[Root]:
-    roots: list[Root] = []
-    names: set[str] = set()
-    for k, folder in enumerate(folders):
+    """One root per folder; a folder holding several runs (e.g. `runs/`) gives one root per run inside it."""
+    found: list[tuple[Path, str, bool, bool]] = []
+    for folder in folders:
         p = Path(folder).expanduser()
         if not p.is_dir():
             raise StudioError(f"{folder}: folder not found (give a train.py --output_dir or a folder with captions.json)")
         p = p.resolve()
-        is_run = (p / "logs").is_dir() or (p / "validation").is_dir() or (p / "metrics.jsonl").is_file()
-        has_captions = any((d / f).is_file() for d in (p, p / "images") for f in ("captions.json", "metadata.jsonl"))
-        if not (is_run or has_captions):
+        is_run, has_captions = _kind(p)
+        if is_run or has_captions:
+            found.append((p, p.name or str(p), is_run, has_captions))
+            continue
+        inside = [(c, f"{p.name}/{c.name}", *_kind(c)) for c in sorted(p.iterdir()) if c.is_dir()]
+        inside = [c for c in inside if c[2] or c[3]]
+        if not inside:
             raise StudioError(f"{folder}: neither a training run (no logs/ or validation/ in it) nor an image folder "
-                              "(no captions.json or metadata.jsonl); give train.py's --output_dir or "
-                              "mlx-sd-generate's --output_dir")
-        name, n = p.name or str(p), 2
+                              "(no captions.json or metadata.jsonl), nor a folder of those; give train.py's "
+                              "--output_dir or mlx-sd-generate's --output_dir")
+        found += [(c.resolve(), name, r, h) for c, name, r, h in inside]
+    roots: list[Root] = []
+    names: set[str] = set()
+    for path, base, is_run, has_captions in found:
+        name, n = base, 2
         while name in names:
-            name, n = f"{p.name}-{n}", n + 1
+            name, n = f"{base}-{n}", n + 1
         names.add(name)
-        roots.append(Root(str(k), name, p, is_run, has_captions))
+        roots.append(Root(str(len(roots)), name, path, is_run, has_captions))
     return roots
 
 
@@ -215,7 +229,7 @@ def _png_seed(path: Path) -> int | None:
     try:
         with Image.open(path) as im:  # reads the chunks before the pixels only
             text = im.info.get("parameters")
-    except Exception:
+    except (OSError, ValueError):  # unreadable or not an image: no seed, the item pairs on its prompt
         return None
     m = SEED_RE.search(text) if isinstance(text, str) else None
     return int(m.group(1)) if m else None

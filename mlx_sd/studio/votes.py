@@ -54,7 +54,7 @@ class VoteStore:
         with self._lock:
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put --db on a local disk")
+                raise sqlite3.OperationalError(f"SQLite refused WAL mode ({mode}); put the file on a local disk")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(SCHEMA)
 
