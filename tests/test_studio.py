@@ -275,6 +275,23 @@ def test_sources_from_run_and_generate_folders(folders, tmp_path):
         open_roots([parent / "notes"])
 
 
+def test_seed_is_read_from_what_generate_writes(tmp_path):
+    """The PNG text mlx-sd-generate writes (its own function, not a copy) gives the studio the image's seed."""
+    import argparse
+
+    from mlx_sd.generate import Job, _parameters
+    from mlx_sd.pipeline import save_png
+    from mlx_sd.studio.sources import _png_seed
+
+    args = argparse.Namespace(negative_prompt="blurry", steps=25, sampler="dpm++2m", guidance_scale=7.5, width=64,
+                              height=64, model="models/sd15", lora=["a.safetensors:0.8"])
+    path = tmp_path / "x.png"
+    save_png(Image.new("RGB", (8, 8)), path, _parameters(Job("x.png", "a shoe", 3141592653, 0, 0), args))
+    assert _png_seed(path) == 3141592653
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert _png_seed(tmp_path / "plain.png") is None
+
+
 def test_safe_path(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -345,6 +362,31 @@ def test_server_rejects_bad_votes_and_stores_nothing(studio, tmp_path):
     source_a, source_b, shown, answer = rows[0]
     assert (source_a, source_b) == ("base", "lora")
     assert answer == ("A" if shown == "AB" else "B") and vote["left"] == ("base" if shown == "AB" else "lora")
+
+
+def test_concurrent_votes_over_http_are_all_stored(studio, tmp_path):
+    """8 clients x 25 votes at once (bounded, loopback only): every vote lands exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    a, b = sources["run step 100"], sources["run step 300"]
+
+    def client(k):
+        stored = []
+        for j in range(25):
+            nxt = studio.json(f"/api/ab/next?a={a}&b={b}&rater=c{k}")
+            body = {"a": a, "b": b, "pair": nxt["pair"], "nonce": nxt["nonce"], "rater": f"c{k}",
+                    "answer": ("left", "right", "tie", "both_bad")[(k + j) % 4]}
+            status, data = studio.request("POST", "/api/ab/vote", body)
+            assert status == 200, data
+            stored.append(json.loads(data)["id"])
+        return stored
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = [i for got in pool.map(client, range(8)) for i in got]
+    rows = sqlite3.connect(tmp_path / "votes.sqlite").execute("SELECT id, rater FROM votes").fetchall()
+    assert sorted(ids) == sorted(r[0] for r in rows) and len(set(ids)) == 200
+    assert all(sum(1 for r in rows if r[1] == f"c{k}") == 25 for k in range(8))
 
 
 def test_blind_images_follow_the_hidden_placement(studio):

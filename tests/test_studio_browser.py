@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from PIL import Image
 
 # CI sets STUDIO_REQUIRE_BROWSER=1: there a missing piece is a failure, not a skip.
 REQUIRED = os.environ.get("STUDIO_REQUIRE_BROWSER") == "1"
@@ -112,7 +113,7 @@ def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup)
 
 
 def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
-    studio, _, _ = setup
+    studio, run, _ = setup
     page = new_page(browser, studio)
     page.goto(studio.base + "/timeline")
     page.wait_for_selector(".strip img")
@@ -148,6 +149,12 @@ def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
     screenshot(page, "studio-timeline-enlarged.png")
     page.keyboard.press("Escape")
     page.wait_for_selector("#lightbox:not(.open)", state="attached")
+    # A validation written while the page is open (training goes on) appears without a reload.
+    for p in range(2):
+        for i in range(2):
+            Image.new("RGB", (32, 32), (144, 40 * p, 60 * i)).save(run / "validation" / f"epoch004_step0400_prompt{p}_img{i}.png")
+    page.wait_for_function("() => document.querySelectorAll('.strip img').length === 16")
+    assert page.locator('.strip img[data-row="0"]').last.get_attribute("data-step") == "400"
     page.context.close()
 
 

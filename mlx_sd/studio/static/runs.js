@@ -14,7 +14,7 @@ const svgNS = "http://www.w3.org/2000/svg";
 function fmt(v) {
   if (v === 0) return "0";
   const a = Math.abs(v);
-  return a >= 1e4 || a < 1e-3 ? v.toExponential(2) : Number(v.toPrecision(3)).toString();
+  return a >= 1e4 || a < 1e-3 ? Number(v.toExponential(2)).toExponential() : Number(v.toPrecision(3)).toString();
 }
 
 function ticks(lo, hi, n, integer) {
