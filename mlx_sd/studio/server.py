@@ -299,11 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlx-sd-studio", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("folders", nargs="+", metavar="RUN_DIR",
-                    help="train.py --output_dir folders, or folders of images with a captions.json")
+                    help="train.py --output_dir folders (or a folder of them), or folders of images with a captions.json")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind; any other than 127.0.0.1/localhost requires the printed token")
     ap.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
-    ap.add_argument("--db", default=None, help="SQLite file for votes (default: studio_votes.sqlite in the first folder)")
+    ap.add_argument("--db", default=argparse.SUPPRESS,
+                    help="SQLite file for votes (default: studio_votes.sqlite in the first folder)")
     return ap
 
 
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     local = args.host in LOOPBACK
     token = None if local else secrets.token_urlsafe(24)
-    db = Path(args.db).expanduser() if args.db else Path(args.folders[0]).expanduser() / "studio_votes.sqlite"
+    db = Path(getattr(args, "db", None) or Path(args.folders[0]) / "studio_votes.sqlite").expanduser()
     try:
         app = create_app(args.folders, db, token, LOOPBACK if local else ("*",))
         bind_host = "127.0.0.1" if local else args.host  # "localhost" may resolve to ::1 first
