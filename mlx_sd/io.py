@@ -142,9 +142,12 @@ def safetensors_problem(path: str | Path) -> str | None:
             n = struct.unpack("<Q", head)[0]
             if head[:1] == b"\x80" or head[:2] == b"PK":
                 return "a PyTorch pickle/zip file, not safetensors"
-            if n > size - 8 or n > 100_000_000:
+            first = f.read(1)
+            if n > 100_000_000 or first != b"{":
                 return "not a safetensors file (no valid header: text, a pickle, or another format?)"
-            header = json.loads(f.read(n))
+            if n > size - 8:
+                return f"truncated: {size:,} bytes, less than its own header ({n + 8:,} bytes)"
+            header = json.loads(first + f.read(n - 1))
     except OSError as e:
         return f"unreadable ({e.strerror})"
     except (ValueError, UnicodeDecodeError):
