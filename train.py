@@ -46,6 +46,7 @@ from mlx_sd.trainer import CachedBatches, EncodingBatches, Schedule, Trainer
 from mlx_sd.training import LR_SCHEDULERS, LossConfig, TrainStep, make_optimizer
 
 logger = logging.getLogger("train")
+logger.addHandler(logging.NullHandler())  # before logs/ exists, errors are printed, not logged twice
 DEFAULT_STEPS = 3000
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import MlxSdError
+from .logs import FILE_ONLY
 from .io import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list
     if strict and problems:
         raise DataError(f"{len(problems)} problem(s) in {data_dir} (--strict_data):\n  " + "\n  ".join(problems))
     for p in problems:
-        logger.warning("skipping %s", p)
+        logger.warning("skipping %s", p, extra=FILE_ONLY)  # the caller shows or raises the problems
     if not good:
         raise DataError(f"{data_dir}: no usable images ({len(problems)} entries skipped)" +
                         ("".join(f"\n  {p}" for p in problems[:20])))

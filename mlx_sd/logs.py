@@ -41,7 +41,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(log_dir))
             except ImportError:
                 logger.warning("--report_to tensorboard: tensorboardX is not installed (pip install tensorboardX); "
-                               "metrics go to %s only", self.path)
+                               "metrics go to %s only", self.path, extra=FILE_ONLY)
                 print(f"warning: tensorboardX not installed; metrics are written to {self.path} only")
 
     def write(self, record: dict) -> None:

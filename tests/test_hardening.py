@@ -206,12 +206,29 @@ def test_entries_outside_the_dataset_are_skipped_and_named(tiny_mlx_dir, tmp_pat
 # ----------------------------------------------------------------------------- faults: one line, nothing lost
 
 
-def test_errors_are_printed_once_and_failed_runs_leave_no_logs(tiny_mlx_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = run_train(*args_for(tiny_mlx_dir, tmp_path / "nowhere", out))
-    err = capsys.readouterr().err
-    assert rc == 2 and len(errors(err)) == 1, err
-    assert not (out / "logs").exists() and not (out / LOCK).exists()
+def test_errors_are_printed_once_and_failed_runs_leave_no_logs(finished, tiny_mlx_dir, data, tmp_path):
+    cases = {  # an error before the logs exist, one after, and one raised by the run folder itself
+        "no data": args_for(tiny_mlx_dir, tmp_path / "nowhere", tmp_path / "a"),
+        "bad resolution": args_for(tiny_mlx_dir, data, tmp_path / "b", "--resolution", 72),
+        "folder holds a run": args_for(tiny_mlx_dir, data, copy_run(finished, tmp_path / "c")),
+    }
+    for what, args in cases.items():
+        r = subprocess.run([sys.executable, str(Path(train.__file__)), *map(str, args), "--no_progress"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2, (what, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), (what, r.stderr)
+    assert not (tmp_path / "a" / "logs").exists() and not (tmp_path / "b" / "logs").exists()
+    assert not (tmp_path / "a" / LOCK).exists() and not (tmp_path / "b" / LOCK).exists()
+    assert len(list((tmp_path / "c" / "logs").iterdir())) == 1  # the finished run's own logs only
+
+
+def test_skipped_entries_are_listed_once(tiny_mlx_dir, tmp_path):
+    root = make_dataset(tmp_path / "data", n=4, size=64, extra={"gone.png": "a missing file"})
+    r = subprocess.run([sys.executable, str(Path(train.__file__)),
+                        *map(str, args_for(tiny_mlx_dir, root, tmp_path / "run", "--max_train_steps", 1)),
+                        "--no_progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("gone.png") == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated adapter", "truncated optimizer", "garbage state", "state is a list",
