@@ -31,7 +31,7 @@ _problem = platform_problem()
 if _problem:
     raise ImportError(_problem)
 
-from . import blas as _blas
+from . import blas as _blas  # noqa: E402  (after the platform check)
 
 _blas.setup()
 

@@ -344,6 +344,8 @@ BRANCHES = {
         "test_doctor_prints_device_choices_and_memory",
     ("train.py", 'say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")'):
         "test_gpu_budget_off_same_loss",
+    ("train.py", 'run.say(f"BLAS: {blas.status().describe()}; device: {mx.default_device()}")'):
+        "test_gpu_budget_off_same_loss",
 }
 
 
