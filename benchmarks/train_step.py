@@ -43,7 +43,8 @@ size, batch, ckpt, warmup, steps = map(int, sys.argv[1:6])
 base_dtype, memory_limit = sys.argv[6], sys.argv[7]
 from mlx_sd import memory
 mx.random.seed(0)
-unet = UNet2DConditionModel(UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json")), gradient_checkpointing=bool(ckpt))
+config = UNetConfig.from_diffusers(read_json(SD15 / "unet" / "config.json"))
+unet = UNet2DConditionModel(config, gradient_checkpointing=bool(ckpt))
 unet.set_dtype(getattr(mx, base_dtype))
 inject_lora(unet, LoRAConfig(r=8, alpha=16))
 mx.eval(unet.parameters())
@@ -71,7 +72,8 @@ for i in range(warmup + steps):
     times.append(time.perf_counter() - t)
 print(json.dumps({"s_step": statistics.median(times[warmup:]), "first_s": compile_s, "loss": first_loss,
                   "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": peak_rss_gb(),
-                  "trainable": trainable_count(unet), "budget_gb": budget, "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
+                  "trainable": trainable_count(unet), "budget_gb": budget,
+                  "backend": f"MLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}"}))
 """
 
 TORCH_WORKER = r"""
