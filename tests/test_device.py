@@ -158,7 +158,7 @@ def test_gpu_budget_off_same_loss(tiny_mlx_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_validation_peak_counts_encoders_and_cfg_batch(tiny_mlx_dir):
-    from mlx_sd.models import ModelFolder
+    from mlx_sd.model_folder import ModelFolder
     from mlx_sd.validation import measure_peak_gb
 
     folder = ModelFolder(tiny_mlx_dir)
