@@ -95,7 +95,8 @@ def main():
             qg.grad = None
             torch.nn.functional.scaled_dot_product_attention(qg, qg, qg).sum().backward()
         tfbs = median_seconds(tfb, r)
-        print(f"{count} x {tokens:5d} tokens, {heads} heads  {one:16.3f} {many:16.3f} {tsm:14.3f} {fb:12.3f} {tfbs:14.3f}")
+        print(f"{count} x {tokens:5d} tokens, {heads} heads  "
+              f"{one:16.3f} {many:16.3f} {tsm:14.3f} {fb:12.3f} {tfbs:14.3f}")
         floor_m += count * 2 * min(one, many)
         floor_t += count * 2 * tsm
         total_m += count * fb

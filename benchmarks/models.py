@@ -8,7 +8,7 @@ over to Apple Silicon.
     python benchmarks/models.py --sizes 256 512 --repeats 3
 """
 
-import mlx_sd  # noqa: I001  (first: puts the fast BLAS under MLX before mlx.core loads)
+import mlx_sd  # noqa: F401, I001  (first: puts the fast BLAS under MLX before mlx.core loads)
 
 import argparse
 import statistics

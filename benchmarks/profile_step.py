@@ -155,7 +155,8 @@ def blocks(res: int, batch: int, repeats: int):
             call = lambda tb=tblock: tb(th, tt, encoder_hidden_states=tc)  # noqa: E731
         else:
             sk = tuple(nchw(s) for s in args[2])
-            call = (lambda tb=tblock, sk=sk: tb(th, sk, tt, encoder_hidden_states=tc)) if hasattr(tblock, "attentions") \
+            call = (lambda tb=tblock, sk=sk: tb(th, sk, tt, encoder_hidden_states=tc)) if hasattr(tblock,
+                                                                                                  "attentions") \
                 else (lambda tb=tblock, sk=sk: tb(th, sk, tt))
 
         def trun(call=call):

@@ -48,7 +48,8 @@ vae = AutoencoderKL.from_config(read("vae", "config.json"))
 text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in read("text_encoder", "config.json").items()
                                       if k not in ("architectures", "_name_or_path")}))
 pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(SD15 / "tokenizer"),
-                               unet=unet, scheduler=DDPMScheduler.from_config(read("scheduler", "scheduler_config.json")),
+                               unet=unet, scheduler=DDPMScheduler.from_config(read("scheduler",
+                                                                                   "scheduler_config.json")),
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 pipe.save_pretrained(out, safe_serialization=True)
 """
@@ -65,7 +66,8 @@ from PIL import Image
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 from benchmarks.torch_reference import add_lora, train_step
-model, data, size, batch, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model, data = Path(sys.argv[1]), Path(sys.argv[2])
+size, batch, steps = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(42)
 tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
 text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").requires_grad_(False)
@@ -85,7 +87,8 @@ for step in range(steps):
     t = time.perf_counter()
     names = [files[(step * batch + i) % len(files)] for i in range(batch)]
     pixels = torch.stack([load(n) for n in names])
-    ids = tokenizer([captions[n] for n in names], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer([captions[n] for n in names], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         ctx = text_encoder(ids)[0]
@@ -150,7 +153,8 @@ def main() -> None:
         if not (mlx_dir / "mlx_sd.json").exists():
             subprocess.run([sys.executable, "-m", "convert", str(diffusers_dir), str(mlx_dir)], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
-        if not (data / "captions.json").exists() or len(json.loads((data / "captions.json").read_text())) != args.images:
+        captions = data / "captions.json"
+        if not captions.exists() or len(json.loads(captions.read_text())) != args.images:
             shutil.rmtree(data, ignore_errors=True)
             make_dataset(data, n=args.images, size=args.resolution)
 
@@ -177,8 +181,10 @@ def main() -> None:
 
     print(f"\nMLX {mx.__version__} {mx.default_device()}, {blas.status().describe()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{args.resolution} px, batch {args.batch}, {args.steps} steps, {args.images} images, gradient checkpointing, float32")
-    labels = {"cached": "train.py (cached)", "no_cache": "train.py --no_cache", "torch": "diffusers+peft, encode every step"}
+    print(f"{args.resolution} px, batch {args.batch}, {args.steps} steps, {args.images} images, "
+          "gradient checkpointing, float32")
+    labels = {"cached": "train.py (cached)", "no_cache": "train.py --no_cache",
+              "torch": "diffusers+peft, encode every step"}
     print(f"{'run':<36}{'wall s':>9}{'s/step':>9}{'outside steps s':>17}{'peak RSS':>10}")
     for name, r in runs.items():
         steady = statistics.median(r["step_times"][1:] or r["step_times"])

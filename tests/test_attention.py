@@ -1,6 +1,6 @@
 """Query-chunked attention (mlx_sd.attention) vs torch's scaled_dot_product_attention.
 
-Outputs and the gradients of q, k and v must match torch autograd within 1e-5 relative L2
+Outputs and the gradients of q, k and v must match torch autograd within 1e-5 (max error relative to the largest reference value, `fixtures.rel_err`)
 (float32 on the CPU; measured ~3e-7), with a chunk size that does not divide the query length,
 for self- and cross-attention, under mx.compile and inside a gradient checkpoint. The backward
 pass must hold less than half of what the fused attention's backward holds.
@@ -15,13 +15,11 @@ import torch
 
 from mlx_sd.attention import attention
 from mlx_sd.unet import UNet2DConditionModel
+from fixtures import rel_err
 
 TOL = 1e-5
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def torch_reference(q, k, v, w, scale):
@@ -50,8 +48,8 @@ def test_chunked_attention_matches_torch(keys, wrap):
     out = g(q, k, v)
     grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
     ref = torch_reference(q, k, v, w, scale)
-    errs = [rel(a, b) for a, b in zip((out, *grads), ref)]
-    print(f"chunked attention ({wrap}, {keys} keys) vs torch: out/dq/dk/dv rel L2 "
+    errs = [rel_err(a, b) for a, b in zip((out, *grads), ref)]
+    print(f"chunked attention ({wrap}, {keys} keys) vs torch: out/dq/dk/dv rel "
           + " ".join(f"{e:.1e}" for e in errs))
     assert max(errs) <= TOL, errs
 
@@ -102,7 +100,7 @@ def test_unet_with_chunked_attention_same_output_and_grads(tiny_pair):
     def grad_of(model):
         return mx.grad(lambda x: (model(x, mx.array([10, 900]), ctx) ** 2).mean())(x)
 
-    assert rel(grad_of(chunked), grad_of(unet)) <= 1e-5
+    assert rel_err(grad_of(chunked), grad_of(unet)) <= 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def test_fresh_process_and_opt_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "openblas" and out[1].endswith(blas.PATCHED_NAME)
     env = {"MLX_SD_BLAS": "reference", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
     assert out == ["reference", "None"]
 
 

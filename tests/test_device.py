@@ -2,7 +2,7 @@
 
 `mlx_sd.device` decides each speed/memory choice per device. The GPU column is forced with the
 `gpu_branches` fixture (or MLX_SD_FORCE_GPU_BRANCHES=1 for the whole suite) and compared with the
-CPU column: attention chunks on one stream (relative L2 <= 1e-6 against two streams, float32),
+CPU column: attention chunks on one stream (relative error <= 1e-6 against two streams, float32),
 MLX's own convolution gradients (<= 1e-5 against the custom ones), no memory budget (the same
 loss from `train.py --check`), the compiled sampler (<= 1e-4 against eager). Metal and macOS
 branches run with their queries faked. `test_every_device_branch_has_a_test` fails when a new
@@ -24,13 +24,11 @@ import pytest
 import mlx_sd
 from mlx_sd import device, memory
 from mlx_sd.attention import attention, chunk_streams, is_chunked
+from fixtures import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def both_columns(monkeypatch, fn):
@@ -73,10 +71,10 @@ def test_gpu_attention_branch_same_numbers(monkeypatch):
     (cpu_streams, cpu), (gpu_streams, gpu) = both_columns(monkeypatch, run)
     assert len(cpu_streams) == 2 and gpu_streams == (None,)
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35)
-    errs = [rel(a, b) for a, b in zip(gpu, cpu)]
-    print("attention, GPU branch (1 stream) vs CPU branch (2 streams): out/dq/dk/dv rel L2 "
+    errs = [rel_err(a, b) for a, b in zip(gpu, cpu)]
+    print("attention, GPU branch (1 stream) vs CPU branch (2 streams): out/dq/dk/dv rel "
           + " ".join(f"{e:.1e}" for e in errs))
-    assert max(errs) <= 1e-6 and rel(gpu[0], fused) <= 1e-5
+    assert max(errs) <= 1e-6 and rel_err(gpu[0], fused) <= 1e-5
 
 
 def test_gpu_default_attention_is_mlx_fused(monkeypatch):
@@ -85,7 +83,7 @@ def test_gpu_default_attention_is_mlx_fused(monkeypatch):
     cpu, gpu = both_columns(monkeypatch, lambda: (is_chunked(2100), attention(q, k, v, 0.3)))
     assert cpu[0] and not gpu[0]  # 2100 >= 2 x 1024 rows: chunked on the CPU only
     assert mx.array_equal(gpu[1], fused)  # the GPU default is MLX's own fused attention, untouched
-    assert rel(cpu[1], fused) <= 1e-5
+    assert rel_err(cpu[1], fused) <= 1e-5
 
 
 @pytest.mark.parametrize("shape,stride", [((2, 4, 6, 96), 1), ((2, 8, 6, 16), 2)], ids=["small-map", "stride2"])
@@ -113,8 +111,8 @@ def test_gpu_conv_branch_same_numbers(monkeypatch, shape, stride):
 
     (cpu_calls, cpu), (gpu_calls, gpu) = both_columns(monkeypatch, run)
     assert cpu_calls > 0 and gpu_calls == 0
-    errs = [rel(a, b) for a, b in zip(gpu, cpu)]
-    print(f"conv {shape} stride {stride}, MLX's gradients vs custom: out/dx/dw/db rel L2 "
+    errs = [rel_err(a, b) for a, b in zip(gpu, cpu)]
+    print(f"conv {shape} stride {stride}, MLX's gradients vs custom: out/dx/dw/db rel "
           + " ".join(f"{e:.1e}" for e in errs))
     assert max(errs) <= 1e-5
 
@@ -179,8 +177,8 @@ def test_gpu_sampler_compiles_same_image(tiny_mlx_dir, monkeypatch):
     cpu, gpu = both_columns(monkeypatch, lambda: StableDiffusion.from_folder(tiny_mlx_dir))
     assert not cpu.compile and gpu.compile
     a, b = cpu.generate("a red shoe", **kw), gpu.generate("a red shoe", **kw)
-    print(f"sampler, compiled (GPU default) vs eager (CPU default): rel L2 {rel(b, a):.1e}")
-    assert rel(b, a) <= 1e-4
+    print(f"sampler, compiled (GPU default) vs eager (CPU default): rel {rel_err(b, a):.1e}")
+    assert rel_err(b, a) <= 1e-4
 
 
 def fake_metal(monkeypatch, recommended=21.0e9, total=32.0e9):
