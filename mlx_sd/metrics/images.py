@@ -40,11 +40,12 @@ def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
 def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
     """[n_out, n_in] float32 matrix R with `R @ x` == torch's 1-D interpolate of x (align_corners=False).
 
-    Source coordinate (o + 0.5) * n_in / n_out - 0.5; bilinear clamps it at 0 and takes 2 taps,
-    bicubic (A = -0.75) takes 4 taps with indices clamped to the edge. No antialiasing.
+    Source coordinate (o + 0.5) * n_in / n_out - 0.5, computed in float32 as torch does (the
+    rounding moves far pixels by ~1e-5); bilinear clamps it at 0 and takes 2 taps, bicubic
+    (A = -0.75) takes 4 taps with indices clamped to the edge. No antialiasing.
     """
-    scale = n_in / n_out
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = ((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)).astype(np.float64)
     r = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
     if mode == "bilinear":

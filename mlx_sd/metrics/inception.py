@@ -180,15 +180,18 @@ class FIDInceptionV3(nn.Module):
             x = getattr(self, name)(x)
         return x.mean(axis=(1, 2))
 
+    @staticmethod
+    def resize_input(images: mx.array) -> mx.array:
+        """[B, H, W, 3] -> [B, 299, 299, 3], torch's bilinear interpolate (align_corners=False, no antialias)."""
+        _, h, w, _ = images.shape
+        if (h, w) == (SIZE, SIZE):
+            return images
+        images = mx.einsum("oh,bhwc->bowc", mx.array(resize_matrix(h, SIZE, "bilinear")), images)
+        return mx.einsum("pw,bowc->bopc", mx.array(resize_matrix(w, SIZE, "bilinear")), images)
+
     def features(self, images: mx.array) -> mx.array:
         """[B, H, W, 3] float in [0, 1] -> [B, 2048] pool3 features, as pytorch-fid computes them."""
-        _, h, w, _ = images.shape
-        if (h, w) != (SIZE, SIZE):
-            ry = mx.array(resize_matrix(h, SIZE, "bilinear"))
-            rx = mx.array(resize_matrix(w, SIZE, "bilinear"))
-            images = mx.einsum("oh,bhwc->bowc", ry, images)
-            images = mx.einsum("pw,bowc->bopc", rx, images)
-        return self.pool3(2 * images - 1)
+        return self.pool3(2 * self.resize_input(images) - 1)
 
     def __call__(self, images: mx.array) -> mx.array:
         return self.features(images)
