@@ -46,14 +46,26 @@ def clip_to_mlx(state: dict) -> dict:
     return {k: _conv(v) for k, v in state.items() if k != "logit_scale" and not k.endswith("position_ids")}
 
 
+# transformers 5 names the attention projections q/k/v/o_proj in memory; the Hub files keep these.
+_DINOV2_ATTENTION = {".attention.q_proj.": ".attention.attention.query.",
+                     ".attention.k_proj.": ".attention.attention.key.",
+                     ".attention.v_proj.": ".attention.attention.value.",
+                     ".attention.o_proj.": ".attention.output.dense."}
+
+
 def dinov2_to_mlx(state: dict) -> dict:
-    """transformers Dinov2Model keys -> MLX: same names (a `dinov2.` prefix of task heads removed, heads dropped)."""
+    """transformers Dinov2Model keys (file or in-memory names) -> MLX, which uses the Hub file's names.
+
+    A `dinov2.` prefix (task models) is removed and their heads dropped.
+    """
     out = {}
     for k, v in state.items():
         if k.startswith("dinov2."):
             k = k[len("dinov2."):]
         elif k.startswith("classifier."):
             continue
+        for new, old in _DINOV2_ATTENTION.items():
+            k = k.replace(new, old)
         out[k] = _conv(v)
     return out
 

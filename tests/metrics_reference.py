@@ -14,6 +14,7 @@ $MLX_SD_TORCHVISION_SRC or ~/.cache/mlx-sd-tests/torchvision; set it up with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import json
@@ -30,14 +31,21 @@ _CACHE: dict = {}
 
 
 def reference_fid():
-    """(pytorch_fid.inception, pytorch_fid.fid_score, torch_fidelity.metric_kid), or skip saying why."""
+    """(pytorch_fid.inception, pytorch_fid.fid_score, torch_fidelity.metric_kid, torchmetrics CLIPScore),
+    or skip saying why."""
     if "mods" in _CACHE:
         return _CACHE["mods"]
     if not (TV_SRC / "models" / "inception.py").exists():
         pytest.skip(f"no unpacked torchvision at {TV_SRC} (see tests/metrics_reference.py)")
-    for name in ("pytorch_fid", "torch_fidelity"):
+    for name in ("pytorch_fid", "torch_fidelity", "torchmetrics"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    # transformers decides once whether torchvision exists; it must decide before the stand-in appears.
+    import transformers.image_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from transformers.utils import is_torchvision_available
+
+    is_torchvision_available()
     stand_in = types.ModuleType("torchvision")
     stand_in.__path__ = [str(TV_SRC)]
     stand_in.__version__ = "0.28.0"
@@ -48,11 +56,12 @@ def reference_fid():
         import pytorch_fid.fid_score as fid_score
         import pytorch_fid.inception as inception
         import torch_fidelity.metric_kid as metric_kid
+        from torchmetrics.multimodal.clip_score import CLIPScore
     finally:
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[k]
         sys.modules.update(saved)
-    _CACHE["mods"] = (inception, fid_score, metric_kid)
+    _CACHE["mods"] = (inception, fid_score, metric_kid, CLIPScore)
     return _CACHE["mods"]
 
 
@@ -64,7 +73,7 @@ def random_inception_state(seed: int = 0) -> dict:
     """
     import torch
 
-    inception, _, _ = reference_fid()
+    inception, *_ = reference_fid()
     torch.manual_seed(seed)
     net = inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
     g = torch.Generator().manual_seed(seed)
@@ -83,15 +92,23 @@ def random_inception_state(seed: int = 0) -> dict:
     return sd
 
 
-def reference_inception(state: dict):
-    """pytorch-fid's `InceptionV3([3])` (pool3) built with `state` instead of the downloaded weights."""
-    inception, _, _ = reference_fid()
+@contextlib.contextmanager
+def fid_weights(state: dict):
+    """Inside: pytorch-fid builds its network with `state` instead of downloading its weights."""
+    inception, *_ = reference_fid()
     orig = inception.load_state_dict_from_url
     inception.load_state_dict_from_url = lambda *a, **k: state
     try:
-        return inception.InceptionV3([3]).eval()
+        yield
     finally:
         inception.load_state_dict_from_url = orig
+
+
+def reference_inception(state: dict):
+    """pytorch-fid's `InceptionV3([3])` (pool3) built with `state` instead of the downloaded weights."""
+    inception, *_ = reference_fid()
+    with fid_weights(state):
+        return inception.InceptionV3([3]).eval()
 
 
 def randomize(model, seed: int, scale: float = 0.1) -> None:

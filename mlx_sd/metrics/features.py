@@ -142,11 +142,12 @@ def folder_features(model: FeatureModel, images: ImageList, batch_size: int = 16
         cache_file = (cache_dir or cache_root() / "eval-features") / f"{model.kind}-{set_key(model, images.paths)}.npz"
         if cache_file.exists():
             with np.load(cache_file) as z:
-                names = [str(n) for n in z["names"]]
+                row = {str(d): i for i, d in enumerate(z["digests"])}
                 feats = z["features"]
-            by_name = {p.name: p for p in images.paths}
-            if all(n in by_name for n in names):
-                return FolderFeatures(feats, [by_name[n] for n in names], list(images.skipped), cached=True)
+            digests = [_sha256(p) for p in images.paths]
+            if all(d in row for d in digests):  # the key says so; a damaged file is simply recomputed
+                return FolderFeatures(feats[[row[d] for d in digests]], list(images.paths), list(images.skipped),
+                                      cached=True)
     feats, used, skipped = [], [], list(images.skipped)
     bar = tqdm(total=len(images.paths), desc=desc or f"{model.kind} features", unit="img", disable=not progress)
     for i in range(0, len(images.paths), batch_size):
@@ -167,5 +168,5 @@ def folder_features(model: FeatureModel, images: ImageList, batch_size: int = 16
         raise FeatureModelError(f"{images.folder}: no image could be decoded")
     out = FolderFeatures(np.concatenate(feats), used, skipped)
     if cache_file is not None and len(used) == len(images.paths):
-        _atomic_npz(cache_file, features=out.features, names=np.array([p.name for p in used]))
+        _atomic_npz(cache_file, features=out.features, digests=np.array([_sha256(p) for p in used]))
     return out
