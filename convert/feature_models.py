@@ -20,7 +20,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-
 from .folder import ConversionError, check_out_dir, write_folder_atomically, write_marker
 from .pickle_reader import PICKLE_SUFFIXES, PickleReadError, read_state_dict
 

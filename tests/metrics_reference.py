@@ -41,7 +41,7 @@ def reference_fid():
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
     # transformers decides once whether torchvision exists; it must decide before the stand-in appears.
-    import transformers.image_utils  # noqa: F401
+    import transformers.image_utils
     import transformers.modeling_utils  # noqa: F401
     from transformers.utils import is_torchvision_available
 
@@ -53,9 +53,9 @@ def reference_fid():
     saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
     sys.modules["torchvision"] = stand_in
     try:
-        import pytorch_fid.fid_score as fid_score
-        import pytorch_fid.inception as inception
-        import torch_fidelity.metric_kid as metric_kid
+        from pytorch_fid import fid_score
+        from pytorch_fid import inception
+        from torch_fidelity import metric_kid
         from torchmetrics.multimodal.clip_score import CLIPScore
     finally:
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
@@ -83,9 +83,9 @@ def random_inception_state(seed: int = 0) -> dict:
             if k.endswith("conv.weight"):
                 fan_in = v.shape[1] * v.shape[2] * v.shape[3]
                 v.copy_(torch.randn(v.shape, generator=g) * math.sqrt(2.0 / fan_in))
-            elif k.endswith("bn.weight") or k.endswith("running_var"):
+            elif k.endswith(("bn.weight", "running_var")):
                 v.copy_(0.5 + torch.rand(v.shape, generator=g))
-            elif k.endswith("bn.bias") or k.endswith("running_mean"):
+            elif k.endswith(("bn.bias", "running_mean")):
                 v.copy_(torch.randn(v.shape, generator=g) * 0.1)
             elif v.is_floating_point():
                 v.copy_(torch.randn(v.shape, generator=g) * 0.01)
@@ -124,18 +124,18 @@ def randomize(model, seed: int, scale: float = 0.1) -> None:
                 p.normal_(0, 0.5, generator=g)
 
 
-TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=32, patch_size=8, hidden_act="quick_gelu")
-TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=56,
-                   patch_size=14)
+TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu"}
+TINY_DINOV2 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 56,
+                   "patch_size": 14}
 # openai/clip-vit-large-patch14 and facebook/dinov2-large, as their config.json files state them.
-CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     max_position_embeddings=77, hidden_act="quick_gelu", vocab_size=49408, eos_token_id=2,
-                     projection_dim=768)
-DINOV2_L14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, image_size=518,
-                  patch_size=14, layerscale_value=1.0)
+CLIP_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                       "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "projection_dim": 768}
+CLIP_L14_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                     "max_position_embeddings": 77, "hidden_act": "quick_gelu", "vocab_size": 49408, "eos_token_id": 2,
+                     "projection_dim": 768}
+DINOV2_L14 = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "image_size": 518,
+                  "patch_size": 14, "layerscale_value": 1.0}
 
 
 def make_tiny_clip(folder: Path, seed: int = 0):
@@ -146,9 +146,9 @@ def make_tiny_clip(folder: Path, seed: int = 0):
 
     folder = Path(folder)
     vocab = write_tiny_tokenizer_files(folder)
-    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                pad_token_id=vocab - 1)
+    text = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 77, "hidden_act": "quick_gelu", "bos_token_id": vocab - 2, "eos_token_id": vocab - 1,
+                "pad_token_id": vocab - 1}
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=24)).eval()
     randomize(model, seed)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from metrics_reference import fid_weights, make_tiny_clip, random_inception_state, reference_fid
 from PIL import Image
-from test_metrics_models import rel, smooth_images
+from test_metrics_models import smooth_images
 
 from convert.feature_models import convert_feature_model
 from mlx_sd.metrics.cli import main as eval_main

@@ -11,8 +11,17 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from metrics_reference import (CLIP_L14_TEXT, CLIP_L14_VISION, DINOV2_L14, make_tiny_clip, make_tiny_dinov2,
-                               random_inception_state, randomize, reference_inception, torch_state_to_mx)
+from metrics_reference import (
+    CLIP_L14_TEXT,
+    CLIP_L14_VISION,
+    DINOV2_L14,
+    make_tiny_clip,
+    make_tiny_dinov2,
+    random_inception_state,
+    randomize,
+    reference_inception,
+    torch_state_to_mx,
+)
 
 from convert.__main__ import main as convert_main
 from convert.feature_models import clip_to_mlx, convert_feature_model, dinov2_to_mlx

@@ -23,8 +23,15 @@ from pathlib import Path
 from ..config import ConfigError
 from ..data import DataError
 from ..weights import WeightsError
-from .evaluate import (LOWER_IS_BETTER, best_row, compare_folders, evaluate_set, plot_metrics, score_captions,
-                       validation_sets)
+from .evaluate import (
+    LOWER_IS_BETTER,
+    best_row,
+    compare_folders,
+    evaluate_set,
+    plot_metrics,
+    score_captions,
+    validation_sets,
+)
 from .features import FeatureModel, FeatureModelError
 from .images import ImageFolderError, ImageList, list_images
 from .scores import MetricError
@@ -104,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric that picks the best checkpoint (default: fid with --real, else clip_score)")
     p.add_argument("--output_dir", help="where images, checkpoints.json and checkpoints.png go (default RUN_DIR/eval)")
     _add_models(p)
+    p = sub.add_parser("demo-models", help="random-weight stand-ins of the three feature models (for trying the "
+                                           "commands; their numbers measure nothing)")
+    p.add_argument("out_dir", help="folder for inception/, clip/ and dinov2/")
     return ap
 
 
@@ -207,10 +217,20 @@ def run_checkpoints(args) -> int:
     return 0
 
 
+def run_demo_models(args) -> int:
+    from .tiny import make_tiny_feature_models
+
+    for kind, folder in make_tiny_feature_models(args.out_dir).items():
+        print(f"wrote {folder} (random {kind} stand-in)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"compare": run_compare, "clip-score": run_clip_score, "checkpoints": run_checkpoints,
+                "demo-models": run_demo_models}
     try:
-        return {"compare": run_compare, "clip-score": run_clip_score, "checkpoints": run_checkpoints}[args.command](args)
+        return commands[args.command](args)
     except (MetricError, FeatureModelError, ImageFolderError, DataError, WeightsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ class CLIPModelConfig:
     eos_token_id: int = 2
 
     @classmethod
-    def from_transformers(cls, d: dict) -> "CLIPModelConfig":
+    def from_transformers(cls, d: dict) -> CLIPModelConfig:
         if "vision_config" not in d or "text_config" not in d:
             raise ConfigError("CLIP config: expected a CLIPModel config.json with vision_config and text_config")
         v = d["vision_config"]

@@ -37,7 +37,7 @@ class Dinov2Config:
     qkv_bias: bool = True
 
     @classmethod
-    def from_transformers(cls, d: dict) -> "Dinov2Config":
+    def from_transformers(cls, d: dict) -> Dinov2Config:
         if d.get("use_swiglu_ffn"):
             raise ConfigError("DINOv2 config: use_swiglu_ffn (the giant model) is not supported; use dinov2-large")
         if d.get("hidden_act", "gelu") != "gelu":

@@ -122,7 +122,7 @@ def plot_metrics(rows: list[dict], metrics: list[str], out: Path) -> Path | None
         lo, hi = min(p[1] for p in pts), max(p[1] for p in pts)
         s1, hi = (s1 if s1 > s0 else s0 + 1), (hi if hi > lo else lo + 1e-8)
 
-        def xy(s, v):
+        def xy(s, v, s0=s0, s1=s1, lo=lo, hi=hi, top=top):
             return pad + (s - s0) / (s1 - s0) * (W - 2 * pad), top + H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
 
         d.rectangle([pad, top + pad, W - pad, top + H - pad], outline=(180, 180, 180))

@@ -55,7 +55,7 @@ class FeatureModel:
     tokenizer: object = None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "FeatureModel":
+    def load(cls, folder: str | Path) -> FeatureModel:
         folder = Path(folder).expanduser()
         try:
             kind = json.loads((folder / "mlx_sd.json").read_text()).get("feature_model")

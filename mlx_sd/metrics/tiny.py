@@ -1,0 +1,51 @@
+"""Random-weight stand-ins for the three feature models, made by MLX itself (nothing downloaded).
+
+For trying `mlx-sd-eval` end to end (with `mlx-sd-demo`'s model and data): the folders have the
+layout `python -m convert --feature-model` writes, but their numbers measure nothing. InceptionV3
+is full size (its architecture is fixed); CLIP and DINOv2 are narrow two-layer ViTs. CLIP uses
+the bundled SD1.5 (= clip-vit-large-patch14) tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..configs import SD15
+
+TINY_CLIP = {"projection_dim": 32,
+             "text_config": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                                 "eos_token_id": 2},
+             "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "image_size": 64, "patch_size": 16, "hidden_act": "quick_gelu"}}
+TINY_DINOV2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 224,
+                   "patch_size": 14}
+
+
+def make_tiny_feature_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write `out/{inception,clip,dinov2}` (random, seeded); returns the folders."""
+    from convert.feature_models import build_model
+    from convert.folder import write_marker
+
+    out = Path(out)
+    configs = {"inception": {"model_type": "fid_inception_v3", "source_file": "random (demo)"},
+               "clip": TINY_CLIP, "dinov2": TINY_DINOV2}
+    folders = {}
+    for k, (kind, config) in enumerate(configs.items()):
+        mx.random.seed(seed + k)
+        model = build_model(kind, config)
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        if kind == "clip":
+            for f in (SD15 / "tokenizer").iterdir():
+                shutil.copyfile(f, folder / f.name)
+        write_marker(folder, "random (demo)", "float32", feature_model=kind)
+        folders[kind] = folder
+    return folders
