@@ -53,8 +53,7 @@ def reference_fid():
     saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
     sys.modules["torchvision"] = stand_in
     try:
-        from pytorch_fid import fid_score
-        from pytorch_fid import inception
+        from pytorch_fid import fid_score, inception
         from torch_fidelity import metric_kid
         from torchmetrics.multimodal.clip_score import CLIPScore
     finally:
