@@ -48,7 +48,9 @@ def test_frechet_distance_matches_pytorch_fid():
     m2, s2 = gaussian_stats(b)
     ref = fid_score.calculate_frechet_distance(np.mean(a, 0), np.cov(a, rowvar=False), np.mean(b, 0),
                                                np.cov(b, rowvar=False))
-    assert abs(frechet_distance(m1, s1, m2, s2) - ref) <= 1e-6 * abs(ref)
+    ours = frechet_distance(m1, s1, m2, s2)
+    print(f"FD vs pytorch-fid: {ours!r} vs {ref!r}, relative {abs(ours - ref) / abs(ref):.1e}")
+    assert abs(ours - ref) <= 1e-6 * abs(ref)
     assert frechet_distance(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -58,6 +60,8 @@ def test_kid_matches_torch_fidelity():
     ref = metric_kid.kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=20,
                                             kid_subset_size=100, verbose=False)
     ours = kid(a, b, subsets=20, subset_size=100)
+    print(f"KID vs torch-fidelity: mean {ours['mean']!r} vs {ref['kernel_inception_distance_mean']!r}, "
+          f"std {ours['std']!r} vs {ref['kernel_inception_distance_std']!r}")
     assert abs(ours["mean"] - ref["kernel_inception_distance_mean"]) <= 1e-4 * abs(ref["kernel_inception_distance_mean"])
     assert abs(ours["std"] - ref["kernel_inception_distance_std"]) <= 1e-4 * abs(ref["kernel_inception_distance_std"])
 
@@ -108,6 +112,7 @@ def test_clip_score_matches_torchmetrics(tiny_clip, tmp_path):
     write_images(tmp_path / "set" / "images", images)
     (tmp_path / "set" / "captions.json").write_text(json.dumps({f"img{i:03d}.png": p for i, p in enumerate(prompts)}))
     res = score_captions(tmp_path / "set", FeatureModel.load(out), cache=False, progress=False)
+    print(f"CLIP score vs torchmetrics: {res['clip_score']!r} vs {expected!r}")
     assert abs(res["clip_score"] - expected) <= 1e-4 * abs(expected)
     assert set(res["per_prompt"]) == set(prompts) and res["n"] == 4
 
@@ -139,6 +144,7 @@ def test_fid_of_two_folders_matches_pytorch_fid(inception, tmp_path):
         ref = fid_score.calculate_fid_given_paths([str(real), str(gen)], batch_size=3, device="cpu", dims=2048,
                                                   num_workers=0)
     res = compare_folders(real, gen, [FeatureModel.load(folder)], kid_subset_size=1000, cache=False, progress=False)
+    print(f"FID of two folders vs pytorch-fid: {res['fid']!r} vs {ref!r}, relative {abs(res['fid'] - ref) / ref:.1e}")
     assert abs(res["fid"] - ref) <= 1e-3 * abs(ref)
     assert res["kid_subset_size"] == 6 and any("KID subset size reduced" in n for n in res["notes"])
     assert any("not full rank" in n for n in res["notes"])
@@ -204,3 +210,37 @@ def test_eval_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "m" / "mlx_sd.json").write_text('{"feature_model": "clip"}')
     assert eval_main(["clip-score", str(tmp_path / "empty"), "--clip", str(tmp_path / "m")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_checkpoints_generates_each_with_the_same_seeds(tiny_clip, tmp_path, capsys, monkeypatch):
+    """`checkpoints` without --from_validation: one generation per checkpoint, same prompts and seed."""
+    import mlx_sd.generate
+
+    monkeypatch.setenv("MLX_SD_CACHE", str(tmp_path / "cache"))
+    _, _, clip = tiny_clip
+    run = tmp_path / "run"
+    for step in (10, 20):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # a complete one
+    calls = []
+
+    def fake_generate(argv):
+        args = mlx_sd.generate.build_parser().parse_args(argv)
+        calls.append(args)
+        out = __import__("pathlib").Path(args.output_dir)
+        names = [f"prompt{p:05d}_img{i:03d}.png" for p in range(len(args.prompt))
+                 for i in range(args.num_images_per_prompt)]
+        write_images(out / "images", smooth_images(len(names), 32, 32, seed=len(calls)), names)
+        (out / "captions.json").write_text(json.dumps(
+            {n: args.prompt[int(n[6:11])] for n in names}))
+        return 0
+
+    monkeypatch.setattr(mlx_sd.generate, "main", fake_generate)
+    assert eval_main(["checkpoints", str(run), "--model", "m", "--clip", str(clip), "--prompt", "black shoes",
+                      "--num_images_per_prompt", "2", "--seed", "7", "--resolution", "64"]) == 0
+    assert [c.lora[0] for c in calls] == [str(run / "checkpoints" / f"checkpoint-{s}") for s in (10, 20)]
+    assert {(c.seed, c.height, c.num_images_per_prompt, tuple(c.prompt)) for c in calls} == {(7, 64, 2, ("black shoes",))}
+    out = capsys.readouterr().out
+    assert "best checkpoint by CLIP score" in out
+    res = json.loads((run / "eval" / "checkpoints.json").read_text())
+    assert [r["step"] for r in res["rows"]] == [10, 20] and all(r["n"] == 2 for r in res["rows"])

@@ -36,9 +36,13 @@ torch = pytest.importorskip("torch")
 TOL = 1e-4
 
 
-def rel(a, b) -> float:
+def rel(a, b, what: str = "") -> float:
+    """max |a - b| / max |b|; printed (pytest -s) so the figure can be quoted."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    r = float(np.abs(a - b).max() / np.abs(b).max())
+    if what:
+        print(f"{what}: relative max error {r:.2e}")
+    return r
 
 
 def smooth_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -87,7 +91,7 @@ def test_inception_pool3_matches_pytorch_fid_from_uint8(inception_pair):
     ours = model.image_features(list(images))
     assert ours.shape == (2, 2048)
     assert float(expected.abs().mean()) > 1e-3  # the random network must not have collapsed
-    assert rel(ours, expected.numpy()) <= TOL
+    assert rel(ours, expected.numpy(), "Inception pool3 vs pytorch-fid (uint8 in)") <= TOL
 
 
 def test_inception_converter_reads_pickle_without_torch_and_strictly(inception_pair, tmp_path, monkeypatch, capsys):
@@ -129,7 +133,7 @@ def test_tiny_clip_image_and_text_embeddings(tiny_clip):
     with torch.no_grad():
         expected = _pooled(ref.get_image_features(pixel_values=pixels)).numpy()
     ours = np.array(model.image_embeds(mx.array(pixels.permute(0, 2, 3, 1).numpy())))
-    assert rel(ours, expected) <= TOL
+    assert rel(ours, expected, "tiny CLIP image embeds") <= TOL
 
     prompts = ["a photo of black shoes", "white sneakers on white background, high quality product photography"]
     tok = CLIPTokenizer.from_pretrained(src)
@@ -137,7 +141,7 @@ def test_tiny_clip_image_and_text_embeddings(tiny_clip):
     with torch.no_grad():
         expected = _pooled(ref.get_text_features(**batch)).numpy()
     ids = FeatureModel.load(out).tokenizer(prompts)  # 77 tokens padded with end-of-text
-    assert rel(np.array(model.text_embeds(mx.array(ids))), expected) <= TOL
+    assert rel(np.array(model.text_embeds(mx.array(ids))), expected, "tiny CLIP text embeds") <= TOL
     assert rel(FeatureModel.load(out).text_features(prompts), expected) <= TOL
 
 
@@ -169,8 +173,9 @@ def test_clip_vit_l14_shape(tmp_path):
     with torch.no_grad():
         img_ref = _pooled(ref.get_image_features(pixel_values=pixels)).numpy()
         txt_ref = _pooled(ref.get_text_features(input_ids=ids)).numpy()
-    assert rel(np.array(model.image_embeds(mx.array(pixels.permute(0, 2, 3, 1).numpy()))), img_ref) <= TOL
-    assert rel(np.array(model.text_embeds(mx.array(ids.numpy()))), txt_ref) <= TOL
+    assert rel(np.array(model.image_embeds(mx.array(pixels.permute(0, 2, 3, 1).numpy()))), img_ref,
+               "CLIP ViT-L/14 image embeds") <= TOL
+    assert rel(np.array(model.text_embeds(mx.array(ids.numpy()))), txt_ref, "CLIP ViT-L/14 text embeds") <= TOL
 
 
 # --- DINOv2 ----------------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ def test_tiny_dinov2(tmp_path_factory, size):
     with torch.no_grad():
         expected = ref(pixel_values=pixels).pooler_output.numpy()
     ours = np.array(model(mx.array(pixels.permute(0, 2, 3, 1).numpy())))
-    assert rel(ours, expected) <= TOL
+    assert rel(ours, expected, f"tiny DINOv2 at {size}") <= TOL
 
 
 @pytest.mark.slow
@@ -203,4 +208,4 @@ def test_dinov2_vit_l14_shape_at_224():
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(pixel_values=pixels).pooler_output.numpy()
-    assert rel(np.array(model(mx.array(pixels.permute(0, 2, 3, 1).numpy()))), expected) <= TOL
+    assert rel(np.array(model(mx.array(pixels.permute(0, 2, 3, 1).numpy()))), expected, "DINOv2 ViT-L/14 at 224") <= TOL
