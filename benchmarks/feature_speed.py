@@ -85,7 +85,9 @@ def main():
     pairs = {"inception": ("InceptionV3 (FID), 299 px", inception_pair),
              "clip": ("CLIP ViT-L/14 image tower, 224 px", clip_pair),
              "dinov2": ("DINOv2 ViT-L/14, 224 px", dinov2_pair)}
-    rows = []
+    header = (f"{'model':<36} {'MLX img/s':>10} {'torch img/s':>12} {'MLX/torch':>10} {'MLX peak GB':>12} "
+              f"{'process peak RSS GB':>20}")
+    print(header, flush=True)
     for name in args.models:
         label, make = pairs[name]
         ref, ours, size = make()
@@ -97,12 +99,9 @@ def main():
         with torch.no_grad():
             t_ref = median_seconds(lambda f=ref, x=xt: f(x), args.repeats)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-        rows.append((label, args.batch / t_ours, args.batch / t_ref, peak_mlx, rss))
+        a, b = args.batch / t_ours, args.batch / t_ref
+        print(f"{label:<36} {a:>10.2f} {b:>12.2f} {a / b:>10.2f} {peak_mlx:>12.2f} {rss:>20.2f}", flush=True)
         del ref, ours
-    print(f"{'model':<36} {'MLX img/s':>10} {'torch img/s':>12} {'MLX/torch':>10} {'MLX peak GB':>12} "
-          f"{'process peak RSS GB':>20}")
-    for label, a, b, pm, rss in rows:
-        print(f"{label:<36} {a:>10.2f} {b:>12.2f} {a / b:>10.2f} {pm:>12.2f} {rss:>20.2f}")
 
 
 if __name__ == "__main__":
