@@ -27,7 +27,7 @@ KINDS = ("inception", "clip", "dinov2")
 PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                         "tokenizer.json", "preprocessor_config.json")
-HUB_PATTERNS = ["config.json", "model.safetensors", "pytorch_model.bin", *CLIP_TOKENIZER_FILES]
+HUB_PATTERNS = ["config.json", *CLIP_TOKENIZER_FILES]
 
 
 def _conv(value):
@@ -116,10 +116,13 @@ def _resolve_folder(source: str, revision: str | None) -> Path:
         return path
     if path.exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise ConversionError(f"{source}: expected a transformers model folder or a Hugging Face repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
+        files = list_repo_files(source, revision=revision)
+        # one weights file: the safetensors one when the repo has it (CLIP's repo also has a 1.7 GB .bin)
+        weights = "model.safetensors" if "model.safetensors" in files else "pytorch_model.bin"
+        return Path(snapshot_download(source, revision=revision, allow_patterns=[*HUB_PATTERNS, weights]))
     except Exception as e:
         raise ConversionError(f"could not download Hub repo {source}: {e}") from e
 

@@ -53,8 +53,8 @@ def test_fixed_draws():
 def tiny(tiny_mlx_dir):
     folder = ModelFolder(tiny_mlx_dir)
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((5, 16, 16, 4)).astype(np.float32)
-    ctx = rng.standard_normal((5, 77, 32)).astype(np.float32)
+    latents = rng.standard_normal((3, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((3, 77, 32)).astype(np.float32)
     return folder, NoiseSchedule(folder.scheduler_config()), latents, ctx
 
 
@@ -71,16 +71,16 @@ def test_heldout_loss_is_deterministic_and_chunk_independent(tiny):
     folder, schedule, latents, ctx = tiny
     unet = _unet(folder, dropout=0.1)  # dropout must be off while scoring
     unet.train()
-    a = heldout_loss(unet, schedule, latents, ctx, seed=0)
+    a = heldout_loss(unet, schedule, latents, ctx, seed=0, per_image=2)
     mx.random.seed(123)  # MLX's random state does not enter
-    b = heldout_loss(unet, schedule, latents, ctx, seed=0)
+    b = heldout_loss(unet, schedule, latents, ctx, seed=0, per_image=2)
     assert a == b and np.isfinite(a) and unet.training
-    c1 = heldout_loss(unet, schedule, latents, ctx, seed=0, chunk=1)
-    c4 = heldout_loss(unet, schedule, latents, ctx, seed=0, chunk=4)
+    c1 = heldout_loss(unet, schedule, latents, ctx, seed=0, per_image=2, chunk=1)
+    c4 = heldout_loss(unet, schedule, latents, ctx, seed=0, per_image=2, chunk=4)
     print(f"held-out loss {a:.8f}; chunk 1 vs 4 relative difference {abs(c1 - c4) / c4:.1e}")
     assert c4 == a and abs(c1 - c4) <= 1e-6 * c4
     # the value is the plain mean of per-item losses at the fixed draws
-    ts = fixed_timesteps(schedule.num_train_timesteps)
+    ts = fixed_timesteps(schedule.num_train_timesteps, 2)
     unet.eval()
     ref = np.mean([float(item_losses(unet, mx.array(latents[i:i + 1]), mx.array(ctx[i:i + 1]),
                                      mx.array(fixed_noise(i, k, latents.shape[1:], 0)[None]),
@@ -93,9 +93,9 @@ def test_heldout_loss_after_reload_of_the_adapter_is_identical(tiny, tmp_path):
     """A resume restores the adapter from its checkpoint: the loss on the restored weights is the same."""
     folder, schedule, latents, ctx = tiny
     unet = _unet(folder, seed=1)
-    before = heldout_loss(unet, schedule, latents, ctx)
+    before = heldout_loss(unet, schedule, latents, ctx, per_image=2)
     mx.save_safetensors(str(tmp_path / "lora.safetensors"), lora_state(unet))
     fresh = _unet(folder, seed=99)
-    assert heldout_loss(fresh, schedule, latents, ctx) != before
+    assert heldout_loss(fresh, schedule, latents, ctx, per_image=2) != before
     fresh.load_weights(list(mx.load(str(tmp_path / "lora.safetensors")).items()), strict=False)
-    assert heldout_loss(fresh, schedule, latents, ctx) == before
+    assert heldout_loss(fresh, schedule, latents, ctx, per_image=2) == before

@@ -209,3 +209,23 @@ def test_dinov2_vit_l14_shape_at_224():
     with torch.no_grad():
         expected = ref(pixel_values=pixels).pooler_output.numpy()
     assert rel(np.array(model(mx.array(pixels.permute(0, 2, 3, 1).numpy()))), expected, "DINOv2 ViT-L/14 at 224") <= TOL
+
+
+def test_hub_id_downloads_only_one_weights_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = tmp_path / "hf"
+    make_tiny_dinov2(src)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, revision=None: ["config.json", "model.safetensors", "pytorch_model.bin"])
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision, allow_patterns))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    out = convert_feature_model("dinov2", "facebook/dinov2-large", tmp_path / "mlx", revision="main")
+    assert calls[0][:2] == ("facebook/dinov2-large", "main")
+    assert "model.safetensors" in calls[0][2] and "pytorch_model.bin" not in calls[0][2]
+    load_dinov2(out)

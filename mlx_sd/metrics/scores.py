@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -24,7 +26,11 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
         from scipy import linalg
     except ImportError:
         raise MetricError("Fréchet distances need scipy: pip install 'mlx-sd-lora[eval]' (or pip install scipy)") from None
-    return linalg.sqrtm(a)
+    with warnings.catch_warnings():
+        # fewer images than feature dimensions make S1 S2 singular; the result is still the one
+        # pytorch-fid reports, and `mlx-sd-eval` states the rank problem in its notes instead
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
