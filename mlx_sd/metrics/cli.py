@@ -206,6 +206,8 @@ def run_checkpoints(args) -> int:
     select = args.select or ("fid" if "fid" in keys else keys[0])
     best = best_row(rows, select)
     print(table(rows, "step", keys))
+    for note in sorted({n for r in rows for n in r.get("notes", [])}):
+        print(f"note: {note}")
     if best is not None:
         print(f"best checkpoint by {METRIC_NAMES[select]}: step {best['step']}")
     result = {"run": str(run), "prompts": prompts, "select": select, "best_step": best and best["step"], "rows": rows}

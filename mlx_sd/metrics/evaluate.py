@@ -149,7 +149,7 @@ def evaluate_set(images, captions: dict[Path, str] | None, real, models: list[Fe
     With `real` (an `ImageList`): FID/KID, FD-DINOv2, FD-CLIP against it. With `captions`
     ({image: prompt}) and a CLIP model: the CLIP score.
     """
-    out: dict = {"n": len(images.paths)}
+    out: dict = {"n": len(images.paths), "notes": []}
     for m in models:
         feats = folder_features(m, images, batch_size, cache, progress=progress, desc=f"{m.kind} features")
         if real is not None:
@@ -159,6 +159,12 @@ def evaluate_set(images, captions: dict[Path, str] | None, real, models: list[Fe
                 k = kid(ref.features, feats.features, subsets=kid_subsets, subset_size=kid_subset_size,
                         reduce_subset=True)
                 out.update(kid_mean=k["mean"], kid_std=k["std"], kid_subset_size=k["subset_size"])
+                if k["subset_size"] < kid_subset_size:
+                    out["notes"].append(f"KID subset size reduced from {kid_subset_size} to {k['subset_size']}")
+            n = min(len(ref.paths), len(feats.paths))
+            if n < feats.features.shape[1]:
+                out["notes"].append(f"{m.kind}: {n} images < {feats.features.shape[1]} feature dimensions (covariance "
+                                    "not full rank); compare only at equal N against the same reference")
         if m.kind == "clip" and captions:
             rows = [(i, captions[p]) for i, p in enumerate(feats.paths) if p in captions]
             prompts = sorted({t for _, t in rows})

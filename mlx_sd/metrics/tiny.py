@@ -27,6 +27,21 @@ TINY_DINOV2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
                    "patch_size": 14}
 
 
+def _spread_inception(model) -> None:
+    """He-scaled convs and random BatchNorm statistics: with the default init and identity
+    statistics the 2048-d features vanish through the ~90 layers (every FID would print 0.000)."""
+    params = {}
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith("conv.weight"):
+            fan_in = v.shape[1] * v.shape[2] * v.shape[3]
+            params[k] = mx.random.normal(v.shape) * (2.0 / fan_in) ** 0.5
+        elif k.endswith(("bn.weight", "running_var")):
+            params[k] = mx.random.uniform(0.5, 1.5, v.shape)
+        elif k.endswith(("bn.bias", "running_mean")):
+            params[k] = mx.random.normal(v.shape) * 0.1
+    model.load_weights(list(params.items()), strict=False)
+
+
 def make_tiny_feature_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write `out/{inception,clip,dinov2}` (random, seeded); returns the folders."""
     from convert.feature_models import build_model
@@ -39,6 +54,8 @@ def make_tiny_feature_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
     for k, (kind, config) in enumerate(configs.items()):
         mx.random.seed(seed + k)
         model = build_model(kind, config)
+        if kind == "inception":
+            _spread_inception(model)
         folder = out / kind
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
