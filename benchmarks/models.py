@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from convert.diffusers import diffusers_to_mlx
+from convert.layout import diffusers_to_mlx
 from mlx_sd.blas import status as blas_status
 from mlx_sd.config import UNetConfig, VAEConfig, read_json
 from mlx_sd.configs import SD15

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 import torch
 
-from convert.diffusers import diffusers_to_mlx
+from convert.layout import diffusers_to_mlx
 from lora import LoRAConfig, inject_lora
 from mlx_sd.blas import status as blas_status
 from mlx_sd.config import UNetConfig, read_json

@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .folder import DTYPES, ConversionError, convert_pipeline
+from mlx_sd.errors import MlxSdError
+from mlx_sd.model_folder import ModelFolder
+
+from .folder import DTYPES
+from .model import convert_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     single = p.add_argument_group("single-file checkpoints")
     single.add_argument("--filename", default=None,
                         help="single file inside Hub repo SOURCE to convert (e.g. v1-5-pruned-emaonly.safetensors)")
-    single.add_argument("--config", default=None, metavar="DIR",
+    single.add_argument("--config_dir", "--config", dest="config", default=None, metavar="DIR",
                         help="diffusers or converted folder whose configs, tokenizer and scheduler to use "
                              "(default: the bundled SD1.5 ones)")
     single.add_argument("--allow-pickle", action="store_true",
-                        help="allow .ckpt (pickle) files, read by an allow-list reader that never runs code from the file")
+                        help="allow .ckpt (pickle) files; read by an allow-list reader that runs no code from them")
     single.add_argument("--non-ema", action="store_true",
                         help="use the non-EMA UNet weights of a file that has both (default: EMA)")
     single.add_argument("--to-single-file", action="store_true",
@@ -44,10 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-model", default=None, choices=("inception", "clip", "dinov2"),
                    help="convert an evaluation feature model instead of an SD pipeline (see above)")
     args = p.parse_args(argv)
-    from mlx_sd.config import ConfigError
-    from mlx_sd.models import ModelFolder, ModelFolderError
-    from mlx_sd.weights import WeightsError
-
     try:
         if args.feature_model:
             from .feature_models import convert_feature_model
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_pipeline(args.source, args.out_dir, force=args.force, dtype=args.dtype or "float32",
                                revision=args.revision, progress=True, filename=args.filename, config=args.config,
                                allow_pickle=args.allow_pickle, prefer_ema=not args.non_ema)
-    except (ConversionError, WeightsError, ModelFolderError, ConfigError) as e:
+    except MlxSdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     single = ModelFolder(out).info.get("single_file")

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .folder import ConversionError, check_out_dir, write_folder_atomically, write_marker
+from mlx_sd.io import atomic_folder
+from mlx_sd.metrics.features import build_feature_model
+from mlx_sd.model_folder import write_marker
+
+from .folder import ConversionError, check_out_dir
 from .pickle_reader import PICKLE_SUFFIXES, PickleReadError, read_state_dict
 
 KINDS = ("inception", "clip", "dinov2")
@@ -70,18 +74,6 @@ def dinov2_to_mlx(state: dict) -> dict:
 
 
 MAPPINGS = {"inception": inception_to_mlx, "clip": clip_to_mlx, "dinov2": dinov2_to_mlx}
-
-
-def build_model(kind: str, config: dict):
-    from mlx_sd.metrics.clip_model import CLIPModel, CLIPModelConfig
-    from mlx_sd.metrics.dinov2 import Dinov2Config, Dinov2Model
-    from mlx_sd.metrics.inception import FIDInceptionV3
-
-    if kind == "inception":
-        return FIDInceptionV3()
-    if kind == "clip":
-        return CLIPModel(CLIPModelConfig.from_transformers(config))
-    return Dinov2Model(Dinov2Config.from_transformers(config))
 
 
 def _read_tensors(path: Path) -> dict[str, mx.array]:
@@ -140,7 +132,7 @@ def check_feature_weights(kind: str, config: dict, weights: dict[str, mx.array],
 
     from mlx_sd.weights import mismatch_report
 
-    model = build_model(kind, config)
+    model = build_feature_model(kind, config)
     msg = mismatch_report({k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
                           {k: tuple(v.shape) for k, v in weights.items()},
                           f"{source} does not match the {kind} feature model of its config:",
@@ -181,14 +173,13 @@ def convert_feature_model(kind: str, source: str | Path, out_dir: str | Path, *,
         except ValueError as e:  # config errors name the unsupported field
             raise ConversionError(f"{source}: {e}") from None
 
-        def fill(tmp: Path) -> None:
+        with atomic_folder(out_dir) as tmp:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
             for f in extra_files:
                 shutil.copyfile(f, tmp / f.name)
             write_marker(tmp, source, "float32", feature_model=kind)
-
-        return write_folder_atomically(out_dir, fill)
+        return out_dir
 
 
 def feature_model_kind(folder: str | Path) -> str | None:

@@ -1,16 +1,11 @@
 """Diffusers folders and Hub repos -> MLX model folders, written atomically.
 
-Output layout (OUT_DIR):
-    unet/ vae/ text_encoder/    config.json + model.safetensors (MLX layout, see convert.diffusers)
-    tokenizer/ scheduler/       copied as they are
-    model_index.json            copied from the source
-    mlx_sd.json                 written last; a folder without it is not a finished conversion
+The output is the layout of `mlx_sd.model_folder`; weights are mapped by `convert.layout`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,10 +13,13 @@ import mlx.core as mx
 from huggingface_hub import list_repo_files, snapshot_download
 from tqdm import tqdm
 
-from .diffusers import COMPONENTS, diffusers_to_mlx
+from mlx_sd.errors import MlxSdError
+from mlx_sd.io import atomic_folder, is_repo_id, safetensors_problem
+from mlx_sd.model_folder import COMPONENTS, build_component, copy_extras, is_converted, write_marker
+from mlx_sd.weights import check_weights
 
-MARKER = "mlx_sd.json"
-FORMAT_VERSION = 1
+from .layout import diffusers_to_mlx
+
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
@@ -30,7 +28,7 @@ WEIGHT_FILES = {
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(MlxSdError, RuntimeError):
     pass
 
 
@@ -70,7 +68,7 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Path:
             raise ConversionError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt single file")
         return path
     text = str(source)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_repo_id(text):
         raise ConversionError(f"{source}: no such folder, and not a Hugging Face repo id (owner/name)")
     try:
         files = list_repo_files(text, revision=revision)
@@ -98,7 +96,8 @@ def inspect_diffusers_folder(folder: Path) -> None:
     if index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
         if "XL" in cls or cls not in ("", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-            raise ConversionError(f"{folder}: pipeline class {cls!r} is not a Stable Diffusion 1.x/2.x text-to-image pipeline")
+            raise ConversionError(f"{folder}: pipeline class {cls!r} is not a Stable Diffusion 1.x/2.x "
+                                  "text-to-image pipeline")
     problems = []
     for comp in COMPONENTS:
         if not (folder / comp).is_dir():
@@ -106,6 +105,9 @@ def inspect_diffusers_folder(folder: Path) -> None:
             continue
         if not (folder / comp / "config.json").exists():
             problems.append(f"{comp}/config.json missing")
+        for f in _weights_path(folder, comp):
+            if problem := safetensors_problem(f):
+                problems.append(f"{f.relative_to(folder)}: {problem}; download or save it again")
         if not _weights_path(folder, comp):
             bins = list((folder / comp).glob("*.bin"))
             problems.append(
@@ -113,7 +115,8 @@ def inspect_diffusers_folder(folder: Path) -> None:
                 if bins else f"{comp}/{WEIGHT_FILES[comp]}.safetensors missing"
             )
     for sub, need in (("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
-        if not (folder / sub / need).exists() and not (sub == "tokenizer" and (folder / sub / "tokenizer.json").exists()):
+        fast_tokenizer = sub == "tokenizer" and (folder / sub / "tokenizer.json").exists()
+        if not (folder / sub / need).exists() and not fast_tokenizer:
             problems.append(f"{sub}/{need} missing")
     if problems:
         raise ConversionError(
@@ -121,30 +124,12 @@ def inspect_diffusers_folder(folder: Path) -> None:
         )
 
 
-def _build_model(comp: str, config: dict):
-    """The MLX module for a component; construction is lazy, so only shapes are materialised."""
-    from mlx_sd.clip import CLIPTextModel
-    from mlx_sd.config import CLIPTextConfig, UNetConfig, VAEConfig
-
-    if comp == "text_encoder":
-        return CLIPTextModel(CLIPTextConfig.from_diffusers(config))
-    if comp == "unet":
-        from mlx_sd.unet import UNet2DConditionModel
-
-        return UNet2DConditionModel(UNetConfig.from_diffusers(config))
-    from mlx_sd.vae import AutoencoderKL
-
-    return AutoencoderKL(VAEConfig.from_diffusers(config))
-
-
 def write_component(comp: str, tensors: dict[str, mx.array], config_file: Path, out: Path,
                     dtype=mx.float32, source: str = "") -> None:
     """Diffusers-named tensors of one component -> `out/comp/` (MLX layout), strictly checked."""
-    from mlx_sd.weights import check_weights
-
     config = json.loads(Path(config_file).read_text())
     weights = {k: v.astype(dtype) for k, v in diffusers_to_mlx(comp, tensors).items()}
-    check_weights(_build_model(comp, config), weights, source=source or comp)
+    check_weights(build_component(comp, config), weights, source=source or comp)
     (out / comp).mkdir(parents=True)
     mx.save_safetensors(str(out / comp / "model.safetensors"), weights, metadata={"format": "mlx"})
     shutil.copyfile(config_file, out / comp / "config.json")
@@ -157,14 +142,12 @@ def convert_component(folder: Path, comp: str, out: Path, dtype=mx.float32) -> N
     write_component(comp, tensors, folder / comp / "config.json", out, dtype, source=str(folder / comp))
 
 
-def is_converted(folder: Path) -> bool:
-    return (Path(folder) / MARKER).exists()
-
-
 def check_out_dir(out_dir: str | Path, force: bool) -> Path:
     """The resolved output folder, if it may be written: absent, or a conversion to replace."""
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ConversionError(f"{out_dir} is a file; the output must be a folder path")
         if not force:
             raise ConversionError(f"{out_dir} already exists; pass --force to replace it")
         if not is_converted(out_dir) and any(out_dir.iterdir()):
@@ -172,68 +155,18 @@ def check_out_dir(out_dir: str | Path, force: bool) -> Path:
     return out_dir
 
 
-def write_marker(folder: Path, source: str, dtype: str, **extra) -> None:
-    marker = {"format": "mlx-sd", "version": FORMAT_VERSION, "source": source, "dtype": dtype, **extra}
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-def write_folder_atomically(out_dir: Path, fill) -> Path:
-    """Run `fill(tmp)` on a sibling temporary folder, then rename it to `out_dir`.
-
-    `out_dir` is either absent, the previous complete folder, or the new complete one; a
-    failure (or Ctrl-C) inside `fill` leaves no trace.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def convert_pipeline(source: str | Path, out_dir: str | Path, *, force: bool = False,
-                     dtype: str = "float32", revision: str | None = None, progress: bool = False,
-                     filename: str | None = None, config: str | Path | None = None,
-                     allow_pickle: bool = False, prefer_ema: bool = True) -> Path:
-    """Convert a diffusers folder, a Hub repo id or a single-file checkpoint into `out_dir`.
-
-    A local `.safetensors`/`.ckpt` file, or a repo id with `filename`, goes to
-    `convert.single_file.convert_single_file` (which uses `config`, `allow_pickle`,
-    `prefer_ema`). The result is assembled in a sibling temporary folder and renamed into place.
-    """
-    if filename is not None or Path(source).expanduser().is_file():
-        from .single_file import convert_single_file
-
-        return convert_single_file(source, out_dir, filename=filename, config=config, force=force, dtype=dtype,
-                                   revision=revision, allow_pickle=allow_pickle, prefer_ema=prefer_ema,
-                                   progress=progress)
-    if config is not None:
-        raise ConversionError("--config applies to single-file checkpoints; a diffusers folder brings its own configs")
+def convert_diffusers_folder(source: str | Path, out_dir: str | Path, *, force: bool = False,
+                             dtype: str = "float32", revision: str | None = None, progress: bool = False) -> Path:
+    """Convert a diffusers folder or Hub repo id into `out_dir`, assembled aside and renamed into place."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     out_dir = check_out_dir(out_dir, force)
     folder = resolve_source(source, revision)
     inspect_diffusers_folder(folder)
 
-    def fill(tmp: Path) -> None:
+    with atomic_folder(out_dir) as tmp:
         for comp in tqdm(COMPONENTS, desc="converting", disable=not progress):
             convert_component(folder, comp, tmp, DTYPES[dtype])
-        for sub in ("tokenizer", "scheduler"):
-            shutil.copytree(folder / sub, tmp / sub)
-        if (folder / "model_index.json").exists():
-            shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
+        copy_extras(folder, tmp)
         write_marker(tmp, str(source), dtype)
-
-    return write_folder_atomically(out_dir, fill)
+    return out_dir

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_sd.errors import MlxSdError
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 STORAGE_DTYPES = {
@@ -36,7 +38,7 @@ TORCH_DTYPES = {"float32": "float32", "float": "float32", "float64": "float64", 
                 "int32": "int32", "int": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool"}
 
 
-class PickleReadError(ValueError):
+class PickleReadError(MlxSdError, ValueError):
     pass
 
 

@@ -7,16 +7,15 @@ In:  `python -m convert FILE OUT_DIR` or `python -m convert REPO_ID OUT_DIR --fi
 Out: `python -m convert --to-single-file MODEL_DIR OUT.safetensors` -> one original-layout file.
 
 Steps: read (safetensors with `mx.load`; `.ckpt` only with `allow_pickle`, through
-`convert.pickle_reader`, which runs no code from the file), name the architecture if it is not SD1.x, check every key and
-shape against the target models in the file's own (LDM) names, then `convert.ldm` (LDM <->
-diffusers names) and `convert.diffusers` (diffusers <-> MLX layout). torch is never imported.
+`convert.pickle_reader`, which runs no code from the file), name the architecture if it is not
+SD1.x, check every key and shape against the target models in the file's own (LDM) names, then
+`convert.ldm` (LDM <-> diffusers names) and `convert.layout` (diffusers <-> MLX layout). torch
+is never imported.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,9 +26,11 @@ from tqdm import tqdm
 from mlx_sd.configs import SD15
 from mlx_sd.weights import mismatch_report
 
-from .diffusers import COMPONENTS, mlx_to_diffusers
-from .folder import (DTYPES, ConversionError, _build_model, check_out_dir, write_component,
-                     write_folder_atomically, write_marker)
+from mlx_sd.io import atomic_file, atomic_folder, is_repo_id
+from mlx_sd.model_folder import COMPONENTS, ModelFolder, build_component, copy_extras, write_marker
+
+from .folder import DTYPES, ConversionError, check_out_dir, write_component
+from .layout import mlx_to_diffusers
 from .ldm import IGNORED, LDMKeyError, detect_architecture, diffusers_to_ldm, ldm_to_diffusers, select_unet_weights
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -68,7 +69,7 @@ def resolve_single_file(source: str | Path, filename: str | None = None, revisio
             _refuse_pickle(str(path))
         return path
     text = str(source)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")) or Path(text).expanduser().exists():
+    if not is_repo_id(text):
         raise ConversionError(f"{source}: --filename needs a Hugging Face repo id (owner/name) as SOURCE")
     if _kind(filename) == "pickle" and not allow_pickle:  # before a multi-GB download
         _refuse_pickle(f"{text}/{filename}")
@@ -117,7 +118,7 @@ def config_folder(config: str | Path | None) -> Path:
 
 def _expected_ldm(configs: dict[str, dict]) -> dict[str, tuple[int, ...]]:
     """LDM names and shapes of the models `configs` describe (the models are built lazily)."""
-    comps = {c: mlx_to_diffusers(c, dict(tree_flatten(_build_model(c, configs[c]).parameters())), configs[c])
+    comps = {c: mlx_to_diffusers(c, dict(tree_flatten(build_component(c, configs[c]).parameters())), configs[c])
              for c in COMPONENTS}
     return {k: tuple(v.shape) for k, v in diffusers_to_ldm(comps).items() if not IGNORED.search(k)}
 
@@ -161,21 +162,17 @@ def convert_single_file(source: str | Path, out_dir: str | Path, *, filename: st
     if progress:
         print(f"UNet: {UNET_WEIGHTS[unet_weights]}")
 
-    def fill(tmp: Path) -> None:
+    with atomic_folder(out_dir) as tmp:
         for comp in tqdm(COMPONENTS, desc="converting", disable=not progress):
             write_component(comp, components.pop(comp), cfg / comp / "config.json", tmp, DTYPES[dtype],
                             source=f"{path} ({comp})")
-        for sub in ("tokenizer", "scheduler"):
-            shutil.copytree(cfg / sub, tmp / sub)
-        if (cfg / "model_index.json").exists():
-            shutil.copyfile(cfg / "model_index.json", tmp / "model_index.json")
+        copy_extras(cfg, tmp)
         write_marker(tmp, str(source), dtype, single_file={
             "file": filename or path.name,
             "unet_weights": unet_weights,
             "configs": "bundled SD1.5" if config is None else str(cfg.resolve()),
         })
-
-    return write_folder_atomically(out_dir, fill)
+    return out_dir
 
 
 def export_single_file(model_dir: str | Path, out_file: str | Path, *, dtype: str | None = None,
@@ -185,8 +182,6 @@ def export_single_file(model_dir: str | Path, out_file: str | Path, *, dtype: st
     `dtype` None keeps the stored dtype. Written to a temporary file beside `out_file` and
     renamed, so `out_file` is never half-written.
     """
-    from mlx_sd.models import ModelFolder
-
     folder = ModelFolder(model_dir)
     out_file = Path(out_file).expanduser().resolve()
     if out_file.suffix != ".safetensors":
@@ -200,18 +195,12 @@ def export_single_file(model_dir: str | Path, out_file: str | Path, *, dtype: st
         raise ConversionError(f"{folder.path} is not SD1.x-shaped (SD2/SDXL UNet config); an SD1.x single file cannot hold it")
     components = {}
     for comp in COMPONENTS:
-        tensors = mx.load(str(folder._component(comp) / "model.safetensors"))
+        tensors = mx.load(str(folder.weights_file(comp)))
         components[comp] = mlx_to_diffusers(comp, tensors, folder.config(comp))
     state = diffusers_to_ldm(components)
     del components
     if dtype is not None:
         state = {k: v if k.endswith("position_ids") else v.astype(DTYPES[dtype]) for k, v in state.items()}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.parent / f".{out_file.stem}.tmp-{os.getpid()}.safetensors"
-    try:
+    with atomic_file(out_file) as tmp:
         mx.save_safetensors(str(tmp), state, metadata={"format": "pt"})
-        os.replace(tmp, out_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_file

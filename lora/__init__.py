@@ -9,7 +9,6 @@ from .layers import (
     fuse_lora,
     inject_lora,
     lora_layers,
-    lora_state,
     trainable_count,
 )
 
@@ -20,6 +19,5 @@ __all__ = [
     "fuse_lora",
     "inject_lora",
     "lora_layers",
-    "lora_state",
     "trainable_count",
 ]

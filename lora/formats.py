@@ -16,7 +16,6 @@ applies is `W += scale * (alpha / r) * B @ A`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections import Counter
@@ -25,6 +24,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_sd.errors import MlxSdError
+from mlx_sd.io import atomic_file, atomic_folder, safetensors_problem, write_text
 
 from .layers import LoRALinear, lora_layers
 
@@ -35,7 +37,7 @@ KOHYA_WEIGHTS = "lora_kohya.safetensors"
 FORMATS = ("peft", "diffusers", "kohya")
 
 
-class AdapterError(ValueError):
+class AdapterError(MlxSdError, ValueError):
     pass
 
 
@@ -104,9 +106,8 @@ def _str_metadata(adapter: Adapter) -> dict[str, str]:
 
 
 def _save(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.safetensors")  # MLX appends .safetensors to other names
-    mx.save_safetensors(str(tmp), {k: v.astype(mx.float32) for k, v in tensors.items()}, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), {k: v.astype(mx.float32) for k, v in tensors.items()}, metadata=metadata)
 
 
 def kohya_name(path: str) -> str:
@@ -129,9 +130,7 @@ def export_adapter(adapter: Adapter, out_dir: str | Path, formats=FORMATS) -> di
             t[f"base_model.model.{k}.lora_A.weight"] = adapter.A[k]
             t[f"base_model.model.{k}.lora_B.weight"] = adapter.B[k]
         _save(out_dir / PEFT_WEIGHTS, t, meta)
-        tmp = out_dir / (PEFT_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        os.replace(tmp, out_dir / PEFT_CONFIG)
+        write_text(out_dir / PEFT_CONFIG, json.dumps(cfg, indent=2) + "\n")
         written["peft"] = out_dir / PEFT_WEIGHTS
     if "diffusers" in formats:
         t = {}
@@ -208,7 +207,8 @@ def _parse(tensors: dict[str, mx.array], metadata: dict, config: dict | None, so
     if bad or unpaired:
         lines = [f"{source}: not a UNet LoRA in a known format:"]
         if bad:
-            lines += [f"  unrecognised key: {k}" for k in bad[:30]] + ([f"  ... {len(bad) - 30} more"] if len(bad) > 30 else [])
+            lines += [f"  unrecognised key: {k}" for k in bad[:30]]
+            lines += [f"  ... {len(bad) - 30} more"] if len(bad) > 30 else []
         if unpaired:
             lines += [f"  down/A without up/B (or the reverse): {k}" for k in unpaired[:30]]
         raise AdapterError("\n".join(lines))
@@ -235,6 +235,16 @@ def _parse(tensors: dict[str, mx.array], metadata: dict, config: dict | None, so
     return Adapter(A, B, alpha, metadata=ours, source=source)
 
 
+def _read_peft_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: not a readable PEFT adapter config ({e}); export the adapter again") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: not a PEFT adapter config (expected a JSON object)")
+    return config
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Read a PEFT folder, a diffusers or kohya `.safetensors` file, or a folder holding one."""
     path = Path(path).expanduser()
@@ -243,7 +253,7 @@ def load_adapter(path: str | Path) -> Adapter:
         for name in (PEFT_WEIGHTS, DIFFUSERS_WEIGHTS, KOHYA_WEIGHTS):
             if (path / name).exists():
                 if name == PEFT_WEIGHTS and (path / PEFT_CONFIG).exists():
-                    config = json.loads((path / PEFT_CONFIG).read_text())
+                    config = _read_peft_config(path / PEFT_CONFIG)
                 path = path / name
                 break
         else:
@@ -252,11 +262,13 @@ def load_adapter(path: str | Path) -> Adapter:
                 raise AdapterError(f"{path}: expected {PEFT_WEIGHTS}, {DIFFUSERS_WEIGHTS} or one .safetensors file")
             path = files[0]
     elif path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).exists():
-        config = json.loads((path.parent / PEFT_CONFIG).read_text())
+        config = _read_peft_config(path.parent / PEFT_CONFIG)
     if not path.exists():
         raise AdapterError(f"{path}: adapter file not found")
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: only .safetensors adapters are read (pickle files are not loaded)")
+    if problem := safetensors_problem(path):
+        raise AdapterError(f"{path}: cannot load this adapter: {problem}. Export it again, or use another copy.")
     tensors, metadata = mx.load(str(path), return_metadata=True)
     return _parse(tensors, metadata or {}, config, str(path))
 
@@ -279,7 +291,8 @@ def resolve(adapter: Adapter, model: nn.Module) -> Adapter:
             continue
         w = linear[p].weight
         a, b = adapter.A[k], adapter.B[k]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
+        if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]
+                or a.shape[0] != b.shape[1]):
             shapes.append(f"{p}: A {tuple(a.shape)}, B {tuple(b.shape)} vs weight {tuple(w.shape)}")
         mapping[k] = p
     if missing or shapes:
@@ -313,7 +326,8 @@ def load_into_lora_layers(model: nn.Module, adapter: Adapter) -> None:
     layers = lora_layers(model)
     missing = sorted(set(layers) - set(adapter.A))
     extra = sorted(set(adapter.A) - set(layers))
-    wrong = [f"{p}: adapter r={adapter.rank(p)}, alpha={adapter.alpha[p]} vs layer r={layers[p].r}, alpha={layers[p].alpha}"
+    wrong = [f"{p}: adapter r={adapter.rank(p)}, alpha={adapter.alpha[p]} "
+             f"vs layer r={layers[p].r}, alpha={layers[p].alpha}"
              for p in set(layers) & set(adapter.A)
              if adapter.rank(p) != layers[p].r or adapter.alpha[p] != layers[p].alpha]
     if missing or extra or wrong:
@@ -334,8 +348,7 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
     """
     from mlx.utils import tree_flatten
 
-    from convert.folder import write_folder_atomically
-    from mlx_sd.models import MARKER, ModelFolder
+    from mlx_sd.model_folder import MARKER, ModelFolder
 
     from .layers import fuse_lora
 
@@ -343,7 +356,8 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
     if lora_layers(unet):
         fuse_lora(unet)
 
-    def fill(tmp: Path) -> None:
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as tmp:
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.safetensors", MARKER), dirs_exist_ok=True)
         for comp in ("text_encoder", "vae"):
             shutil.copyfile(src / comp / "model.safetensors", tmp / comp / "model.safetensors")
@@ -352,5 +366,4 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
         info = json.loads((src / MARKER).read_text())
         info["fused_from"] = str(src)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-
-    return write_folder_atomically(Path(out_dir), fill)
+    return out_dir

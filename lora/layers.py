@@ -40,7 +40,8 @@ class LoRAConfig:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets), "init": self.init}
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
+                "init": self.init}
 
 
 class LoRALinear(nn.Module):
@@ -137,15 +138,6 @@ def set_batch_shard(model: nn.Module, shard: int, shards: int) -> None:
     shards*b, so LoRA dropout draws masks for the whole batch and keeps those rows."""
     for layer in lora_layers(model).values():
         layer.shard, layer.shards = shard, shards
-
-
-def lora_state(model: nn.Module) -> dict[str, mx.array]:
-    """The adapter tensors, keyed `<module path>.lora_A.weight` / `.lora_B.weight`."""
-    out = {}
-    for path, layer in lora_layers(model).items():
-        out[f"{path}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{path}.lora_B.weight"] = layer.lora_B.weight
-    return out
 
 
 def trainable_count(model: nn.Module) -> int:

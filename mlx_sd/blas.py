@@ -50,9 +50,9 @@ _status: BlasStatus | None = None
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MLX_SD_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    base = Path(root) if root else Path.home() / ".cache"
-    return base / "mlx-sd-lora" / "blas"
+    from .io import cache_root
+
+    return cache_root() / "blas"
 
 
 def _find_scipy_openblas() -> Path | None:

@@ -4,7 +4,7 @@
     adapter_model.safetensors + adapter_config.json   the LoRA (a PEFT folder: usable as is)
     optimizer.safetensors                             AdamW moments and step counter
     trainer_state.json                                step, data position, LR, run config
-It is assembled in `.checkpoint-<step>.tmp-<pid>` and renamed into place; a folder named
+It is assembled in `.checkpoint-<step>.tmp-<host>-<pid>` and renamed into place; a folder named
 `checkpoint-<step>` is therefore always complete. Randomness needs no saved state: every
 micro-batch seeds MLX's generator from (seed, micro-batch index).
 """
@@ -22,33 +22,27 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from mlx_sd.errors import MlxSdError
+from mlx_sd.io import atomic_folder, discard, safetensors_problem
 from mlx_sd.weights import set_by_path
 from lora.formats import adapter_from_model, export_adapter, load_adapter, load_into_lora_layers
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-# Run settings that must agree for a resume to continue the same run.
-# The batch settings fix which samples each step saw, so a resume must keep them too (the
-# number of ranks may change as long as the global batch stays the same).
-IDENTITY_KEYS = ("model", "lora_rank", "lora_alpha", "lora_targets", "resolution", "global_batch",
-                 "gradient_accumulation_steps")
+# A resume continues the same run: every setting saved in the checkpoint must agree, except these,
+# which do not change the trained weights (paths, display, when to save or render, memory, and the
+# number of ranks, as long as the global batch stays the same).
+RESULT_NEUTRAL = frozenset({
+    "config", "pretrained_model_name_or_path", "model_dir", "train_data_dir", "output_dir", "resume_from_checkpoint",
+    "overwrite", "no_progress", "report_to", "check", "memory_limit_gb", "gradient_checkpointing", "world_size",
+    "train_batch_size", "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompts",
+    "num_validation_images", "validation_inference_steps", "validation_sampler", "validation_guidance_scale",
+    "no_validation", "save_fused_pipeline", "skip_nan_steps", "strict_data",
+})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MlxSdError, RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -69,66 +63,76 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def save_checkpoint(root: Path, step: int, unet: nn.Module, optimizer: optim.Optimizer, state: dict,
                     total_limit: int | None = None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(final, fsync=True) as tmp:
         meta = {"steps": step, "base_model": state["config"].get("model"), "init": "gaussian",
                 "dropout": state["config"].get("lora_dropout", 0.0)}
         export_adapter(adapter_from_model(unet, meta), tmp, formats=("peft",))
-        opt = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # a re-save of the same step: move the old one out of the way first
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if total_limit and total_limit > 0:
         for _, old in list_checkpoints(root)[:-total_limit]:
-            _discard(old)
+            discard(old)
     for stale in root.glob(".checkpoint-*"):  # leftovers of killed saves and deletions
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def _discard(path: Path) -> None:
-    """Rename first (atomic), then delete: a kill mid-delete leaves no half checkpoint behind."""
-    trash = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from (unreadable state, truncated files); None if whole."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is not readable JSON ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        return f"{STATE_FILE} has no step number (expected an object with \"step\": N)"
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        if not (path / name).exists():
+            return f"{name} is missing"
+        if problem := safetensors_problem(path / name):
+            return f"{name}: {problem}"
+    return None
 
 
-def resolve_resume(arg: str, root: Path) -> Path | None:
-    """`latest` -> newest complete checkpoint under `root` (None if there is none); else a path."""
+def resolve_resume(arg: str, root: Path, warn=print) -> Path | None:
+    """`latest` -> the newest complete and readable checkpoint under `root` (None if there is none);
+    otherwise the checkpoint folder `arg`, which must be complete and readable."""
     if arg == "latest":
-        return latest_checkpoint(root)
+        for _, path in reversed(list_checkpoints(root)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warn(f"skipping {path}: {problem}")
+        return None
     path = Path(arg).expanduser()
-    if not (path / STATE_FILE).exists():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {arg}: no such checkpoint folder "
+                              f"(or 'latest' for the newest in {root})")
+    if problem := checkpoint_problem(path):
+        raise CheckpointError(f"{path}: cannot resume from it: {problem}. Resume from an earlier checkpoint, "
+                              "or 'latest' for the newest readable one.")
     return path
 
 
 def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, config: dict) -> dict:
     """Restore adapter and optimizer into the live objects; refuse a checkpoint of another run."""
+    if problem := checkpoint_problem(path):
+        raise CheckpointError(f"{path}: cannot resume from it: {problem}")
     state = json.loads((path / STATE_FILE).read_text())
     saved = state.get("config", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
-            for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
+    keys = sorted(k for k in set(saved) & set(config) if k not in RESULT_NEUTRAL)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]
     if diff:
         raise CheckpointError(f"{path} belongs to a different run and cannot be resumed here:\n  "
                               + "\n  ".join(diff) + "\nStart a new --output_dir, or use the original settings.")
-    load_into_lora_layers(unet, load_adapter(path))
-    opt = mx.load(str(path / "optimizer.safetensors"))
+    try:
+        load_into_lora_layers(unet, load_adapter(path))
+        opt = mx.load(str(path / "optimizer.safetensors"))
+    except MlxSdError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     optimizer.init(unet.trainable_parameters())
     expected = dict(tree_flatten(optimizer.state))
     if set(opt) != set(expected):

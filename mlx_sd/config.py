@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .errors import MlxSdError
 
-class ConfigError(ValueError):
+
+class ConfigError(MlxSdError, ValueError):
     pass
 
 
@@ -54,11 +56,8 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    sample_size: int = 64
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "UNetConfig":
@@ -77,11 +76,16 @@ class UNetConfig:
             ("only_cross_attention", (None, False)),
             ("dual_cross_attention", (None, False)),
         ):
-            _require(d, d.get(key) in allowed, f"UNet config: {key}={d.get(key)!r} is not supported (SD1.x/2.x UNets only)")
+            _require(d, d.get(key) in allowed,
+                     f"UNet config: {key}={d.get(key)!r} is not supported (SD1.x/2.x UNets only)")
         for t in d.get("down_block_types", []):
-            _require(d, t in ("CrossAttnDownBlock2D", "DownBlock2D"), f"UNet config: down block type {t!r} is not supported")
+            _require(d, t in ("CrossAttnDownBlock2D", "DownBlock2D"),
+                     f"UNet config: down block type {t!r} is not supported")
         for t in d.get("up_block_types", []):
             _require(d, t in ("CrossAttnUpBlock2D", "UpBlock2D"), f"UNet config: up block type {t!r} is not supported")
+        # Not read, on purpose: `use_linear_projection` (proj_in/out are Linear here; convert.layout reads it
+        # from the config file), `upcast_attention` (SD2.1: both attention paths keep the softmax in float32
+        # for any input dtype, so it holds already) and `sample_size` (the input's size decides).
         # diffusers quirk: SD1.x configs store the head *count* in attention_head_dim when
         # num_attention_heads is absent (see UNet2DConditionModel.__init__).
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
@@ -93,17 +97,15 @@ class UNetConfig:
             up_block_types=tuple(d.get("up_block_types", cls.up_block_types)),
             layers_per_block=_per_block(d.get("layers_per_block", 2), n, "layers_per_block"),
             num_attention_heads=_per_block(heads, n, "attention_head_dim"),
-            transformer_layers_per_block=_per_block(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            transformer_layers_per_block=_per_block(d.get("transformer_layers_per_block", 1), n,
+                                                    "transformer_layers_per_block"),
             cross_attention_dim=d.get("cross_attention_dim", 768),
             norm_num_groups=d.get("norm_num_groups", 32),
             norm_eps=d.get("norm_eps", 1e-5),
             flip_sin_to_cos=d.get("flip_sin_to_cos", True),
             freq_shift=d.get("freq_shift", 0),
-            use_linear_projection=bool(d.get("use_linear_projection", False)),
-            upcast_attention=bool(d.get("upcast_attention") or False),
             downsample_padding=d.get("downsample_padding", 1),
             mid_block_scale_factor=d.get("mid_block_scale_factor", 1.0),
-            sample_size=d.get("sample_size", 64),
         )
 
 
@@ -116,7 +118,6 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
-    sample_size: int = 512
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
@@ -133,7 +134,6 @@ class VAEConfig:
             layers_per_block=d.get("layers_per_block", 2),
             norm_num_groups=d.get("norm_num_groups", 32),
             scaling_factor=d.get("scaling_factor", 0.18215),
-            sample_size=d.get("sample_size", 512),
         )
 
 

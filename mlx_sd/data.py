@@ -14,12 +14,15 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import MlxSdError
+from .logs import FILE_ONLY
+from .io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ _FILE_KEYS = ("file_name", "image", "file", "filename", "path")
 _TEXT_KEYS = ("text", "caption", "prompt")
 
 
-class DataError(ValueError):
+class DataError(MlxSdError, ValueError):
     pass
 
 
@@ -88,13 +91,20 @@ def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list
     """
     images, records = read_captions(data_dir)
     good, problems = [], []
-    seen = set()
+    seen: dict[str, str] = {}  # resolved file -> the name it was first listed under
     for name, caption in records:
-        path = images / name
-        if name in seen:
-            problems.append(f"{name}: listed twice (the first entry is used)")
+        rel = os.path.normpath(name)
+        if os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep):
+            problems.append(f"{name}: outside {images} (entries must name files inside the images folder)")
             continue
-        seen.add(name)
+        path = images / rel
+        key = str(path.resolve())
+        if key in seen:
+            first = seen[key]
+            problems.append(f"{name}: listed twice (the first entry is used)" if first == name
+                            else f"{name}: the same file as {first} (the first entry is used)")
+            continue
+        seen[key] = name
         if not caption.strip():
             problems.append(f"{name}: empty caption")
             continue
@@ -111,7 +121,7 @@ def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list
     if strict and problems:
         raise DataError(f"{len(problems)} problem(s) in {data_dir} (--strict_data):\n  " + "\n  ".join(problems))
     for p in problems:
-        logger.warning("skipping %s", p)
+        logger.warning("skipping %s", p, extra=FILE_ONLY)  # the caller shows or raises the problems
     if not good:
         raise DataError(f"{data_dir}: no usable images ({len(problems)} entries skipped)" +
                         ("".join(f"\n  {p}" for p in problems[:20])))
@@ -166,12 +176,35 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+class BatchPlan:
+    """Which samples make micro-batch `c` of the run, from any position; a pure function of the seed.
+
+    `batch` is the global micro-batch (--train_batch_size x ranks): epoch = c // per_epoch, the order
+    of each epoch is `epoch_order`, and the last partial batch of an epoch is dropped.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, flip: bool):
+        if n < batch:
+            raise DataError(f"{n} usable images is fewer than one global batch of {batch} "
+                            "(--train_batch_size x the number of ranks)")
+        self.n, self.batch, self.seed, self.flip = n, batch, seed, flip
+        self.per_epoch = n // batch
+
+    def __call__(self, c: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
+        epoch, j = divmod(c, self.per_epoch)
+        idx = epoch_order(self.n, self.seed, epoch)[j * self.batch:(j + 1) * self.batch]
+        flips = (np.random.default_rng([self.seed, epoch, j, 1]).random(self.batch) < 0.5) if self.flip \
+            else np.zeros(self.batch, bool)
+        return epoch, idx, flips
+
+    def epoch_of(self, c: int) -> int:
+        return c // self.per_epoch
+
+
 def atomic_save_npz(path: Path, **arrays) -> None:
-    # Host and pid: ranks of a data-parallel run may share this folder over a network disk.
-    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 # ----------------------------------------------------------------------------- encoding and caches

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
 
     from .clip import CLIPTextModel
     from .config import CLIPTextConfig, UNetConfig, VAEConfig
-    from .models import MARKER
+    from .io import atomic_folder
+    from .model_folder import copy_extras, write_marker
     from .unet import UNet2DConditionModel
     from .vae import AutoencoderKL
 
@@ -56,21 +58,18 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     parts = {
         "text_encoder": ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **TEXT},
                          CLIPTextModel(CLIPTextConfig.from_diffusers(TEXT))),
-        "unet": ({"_class_name": "UNet2DConditionModel", **UNET}, UNet2DConditionModel(UNetConfig.from_diffusers(UNET))),
+        "unet": ({"_class_name": "UNet2DConditionModel", **UNET},
+                 UNet2DConditionModel(UNetConfig.from_diffusers(UNET))),
         "vae": ({"_class_name": "AutoencoderKL", **VAE}, AutoencoderKL(VAEConfig.from_diffusers(VAE))),
     }
-    if out.exists():
-        shutil.rmtree(out)
-    for name, (config, module) in parts.items():
-        (out / name).mkdir(parents=True)
-        (out / name / "config.json").write_text(json.dumps(config, indent=2))
-        mx.save_safetensors(str(out / name / "model.safetensors"), dict(tree_flatten(module.parameters())),
-                            metadata={"format": "mlx"})
-    for sub in ("tokenizer", "scheduler"):
-        shutil.copytree(SD15 / sub, out / sub)
-    shutil.copyfile(SD15 / "model_index.json", out / "model_index.json")
-    (out / MARKER).write_text(json.dumps({"format": "mlx-sd", "version": 1, "source": "mlx-sd-demo tiny random model",
-                                          "dtype": "float32"}, indent=2) + "\n")
+    with atomic_folder(out) as tmp:  # a re-run replaces the demo model whole
+        for name, (config, module) in parts.items():
+            (tmp / name).mkdir(parents=True)
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+            mx.save_safetensors(str(tmp / name / "model.safetensors"), dict(tree_flatten(module.parameters())),
+                                metadata={"format": "mlx"})
+        copy_extras(SD15, tmp)
+        write_marker(tmp, "mlx-sd-demo tiny random model", "float32")
     return out
 
 
@@ -115,14 +114,26 @@ def make_dataset(out: Path, n: int = 32, size: int = 128, seed: int = 0) -> Path
     return out
 
 
+def run_training(argv: list[str]) -> int:
+    """`python -m train ARGV` as its own process, exactly as a user would start it.
+
+    Ctrl-C reaches both processes; this one waits, so train.py can finish its step and checkpoint.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "train", *argv])
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mlx-sd-demo", description="Train a LoRA end to end on a built-in tiny model and dataset.")
+    p = argparse.ArgumentParser(prog="mlx-sd-demo",
+                                description="Train a LoRA end to end on a built-in tiny model and dataset.")
     p.add_argument("--output_dir", default="demo_output", help="where the model, dataset and run go")
     p.add_argument("--steps", type=int, default=120, help="training steps")
     p.add_argument("--images", type=int, default=32, help="images in the procedural dataset")
     args = p.parse_args(argv)
-
-    import train
 
     root = Path(args.output_dir).resolve()
     t0 = time.perf_counter()
@@ -131,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"2/3 drawing {args.images} product photos in {root / 'dataset'}")
     data = make_dataset(root / "dataset", n=args.images)
     run = root / "run"
-    if run.exists():
-        shutil.rmtree(run)
+    if run.exists():  # a user's earlier demo run is kept, never deleted
+        kept = root / f"run-{time.strftime('%Y%m%d-%H%M%S', time.localtime(run.stat().st_mtime))}"
+        run.rename(kept)
+        print(f"    the previous demo run is now in {kept}")
     print(f"3/3 training a LoRA for {args.steps} steps in {run}")
     every = max(1, args.steps // 2)
-    rc = train.main([
+    rc = run_training([
         "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(run),
         "--resolution", "128", "--train_batch_size", "2", "--max_train_steps", str(args.steps),
         "--learning_rate", "1e-3", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5",

@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import MlxSdError
 from .weights import set_by_path
 
 # How MLX's backends word their errors ("[ring] connection to a peer was lost", ...).
@@ -35,7 +36,7 @@ _BACKEND_ERROR = re.compile(r"^\[(ring|jaccl|mpi|nccl)\]")
 _PACKAGES = ("mlx_sd", "lora")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MlxSdError, RuntimeError):
     pass
 
 
@@ -65,6 +66,10 @@ class World:
         if self.size == 1:
             return flag
         return mx.distributed.all_sum(mx.array([int(flag)], mx.int32), group=self.group).item() > 0
+
+    def barrier(self) -> None:
+        """Return once every rank got here."""
+        self.any(False)
 
     def broadcast(self, tree):
         """Rank 0's arrays on every rank: a sum to which the other ranks add zeros (x + 0 == x)."""

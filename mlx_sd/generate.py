@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MlxSdError
+from .io import is_repo_id, write_text
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, save_png
 from .schedulers import SAMPLERS
 
@@ -32,7 +33,7 @@ SETTINGS_FILE = "generation.json"
 CAPTIONS_FILE = "captions.json"
 
 
-class GenerateError(ValueError):
+class GenerateError(MlxSdError, ValueError):
     pass
 
 
@@ -120,18 +121,12 @@ def _check_model_arg(model: str) -> None:
     p = Path(model).expanduser()
     if p.exists():
         return
-    if model.count("/") != 1 or model.startswith((".", "/", "~")) or model.endswith("/"):
+    if not is_repo_id(model):
         raise GenerateError(f"--model {model}: model folder not found (give a converted folder, a diffusers "
                             "folder or a Hub repo id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
 # ----------------------------------------------------------------------------- output folder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 
@@ -151,7 +146,7 @@ def _read_captions(out: Path) -> dict[str, str]:
 def write_captions(out: Path, images: Path, captions: dict[str, str]) -> None:
     """captions.json for every listed file that exists, sorted by name (prompt-major)."""
     present = {k: v for k, v in captions.items() if (images / k).is_file()}
-    _write_atomic(out / CAPTIONS_FILE, json.dumps(dict(sorted(present.items())), indent=1, ensure_ascii=False) + "\n")
+    write_text(out / CAPTIONS_FILE, json.dumps(dict(sorted(present.items())), indent=1, ensure_ascii=False) + "\n")
 
 
 def _settings(args, loras: list[tuple[Path, float]]) -> dict:
@@ -238,6 +233,8 @@ def run(args) -> int:
 
     # Everything that can be refused is checked before the output folder is touched.
     out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir() or (out / "images").exists() and not (out / "images").is_dir():
+        raise GenerateError(f"--output_dir {out}: a file is in the way; the output must be a folder path")
     images = out / "images"
     jobs = plan(prompts, args.num_images_per_prompt, args.seed)
     existing = _read_captions(out)
@@ -255,17 +252,11 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from convert.folder import ConversionError
-    from lora.formats import AdapterError
-
-    from .config import ConfigError
-    from .models import ModelFolderError
     from .pipeline import StableDiffusion
-    from .weights import WeightsError
 
     try:
         sd = StableDiffusion.from_folder(args.model)
-    except (ModelFolderError, ConversionError, ConfigError, WeightsError) as e:
+    except MlxSdError as e:
         raise GenerateError(f"--model {args.model}: {e}") from None
     try:
         sd.check_size(args.height, args.width)
@@ -274,14 +265,14 @@ def run(args) -> int:
     for path, scale in loras:
         try:
             sd.add_adapter(path, scale)
-        except AdapterError as e:
+        except MlxSdError as e:
             raise GenerateError(f"--lora: {e}") from None
 
     images.mkdir(parents=True, exist_ok=True)
     for stale in [*images.glob(".*.tmp-*"), *out.glob(".*.tmp-*")]:  # left by a killed run
         stale.unlink(missing_ok=True)
     # Written once the model and adapters load, so a typo in --model does not pin the folder.
-    _write_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
     write_captions(out, images, captions)
     if done:
         print(f"resuming: {len(done)} of {len(jobs)} images already in {images}")
@@ -318,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except GenerateError as e:
+    except MlxSdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,6 @@ image k (prompt-major) the seed `s + k`; a list gives one seed per image.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,10 @@ import numpy as np
 from PIL import Image
 
 from .config import SchedulerConfig
-from .models import ModelFolder, resolve_model
+from convert.model import resolve_model
+
+from .io import atomic_file
+from .model_folder import ModelFolder
 from .schedulers import SAMPLERS, make_sampler
 
 DEFAULT_SAMPLER = "pndm"
@@ -56,9 +58,8 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> N
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 class StableDiffusion:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConfigError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers advises at import that PyTorch is missing; this package uses only its tokenizer.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +28,8 @@ class Tokenizer:
 
         folder = Path(folder)
         if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt)")
+            raise ConfigError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt); "
+                              "re-run `python -m convert SOURCE OUT_DIR --force`")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:

@@ -7,7 +7,7 @@ with explicit state (`unet.state`, `optimizer.state`, `mx.random.state`): noise,
 latent sampling draw from MLX's global key, which train.py seeds from (seed, micro-batch index)
 before every micro-batch, so a resumed run draws exactly what the uninterrupted one drew.
 Data-parallel (`group` of N ranks, see mlx_sd.distributed): a rank holds rows [r*b, (r+1)*b) of a
-global micro-batch of N*b, draws every random tensor for all N*b rows and keeps its own (`rows`),
+global micro-batch of N*b, draws every random tensor for all N*b rows and keeps its own (`shard_rows`),
 and `apply_update` averages the gradients over the ranks.
 """
 
@@ -65,13 +65,28 @@ def lr_factor(name: str, warmup: int, total: int, num_cycles: float | None = Non
     return f
 
 
+class ScheduledAdamW(optim.AdamW):
+    """AdamW with torch's semantics (bias correction on) and an LR schedule it can be asked about."""
+
+    def __init__(self, schedule: Callable[[mx.array], mx.array], **kwargs):
+        super().__init__(learning_rate=schedule, bias_correction=True, **kwargs)
+        self.schedule = schedule
+
+    def lr_at(self, step: int | None = None) -> float:
+        """The LR of update `step` (0 = the first); by default the next update's."""
+        return float(self.schedule(self.step if step is None else step))
+
+    def skip_update(self) -> None:
+        """Count an update that was not applied, so the schedule stays aligned with the step number."""
+        self.state["step"] = self.step + 1
+
+
 def make_optimizer(lr: float, schedule: str, warmup: int, total: int, betas=(0.9, 0.999),
                    weight_decay: float = 1e-2, eps: float = 1e-8, num_cycles: float | None = None,
-                   power: float = 1.0) -> optim.AdamW:
-    """AdamW with torch's semantics (bias correction on) and the LR schedule folded in."""
+                   power: float = 1.0) -> ScheduledAdamW:
+    """AdamW with the named LR schedule folded in (diffusers' get_scheduler names)."""
     factor = lr_factor(schedule, warmup, total, num_cycles, power, lr_end_ratio=1e-7 / lr)
-    return optim.AdamW(learning_rate=lambda step: lr * factor(step), betas=list(betas), eps=eps,
-                       weight_decay=weight_decay, bias_correction=True)
+    return ScheduledAdamW(lambda step: lr * factor(step), betas=list(betas), eps=eps, weight_decay=weight_decay)
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,7 @@ def loss_fn(unet: nn.Module, latents: mx.array, ctx: mx.array, noise: mx.array, 
     return mx.mean(per_sample)
 
 
-def rows(draw: Callable[[tuple], mx.array], shape: tuple, shard: tuple[int, int] = (0, 1)) -> mx.array:
+def shard_rows(draw: Callable[[tuple], mx.array], shape: tuple, shard: tuple[int, int] = (0, 1)) -> mx.array:
     """`draw(shape)` for this rank's rows of the global batch: rank r of n draws for all n*b rows
     and keeps [r*b, (r+1)*b), so every sample gets the values a single process would give it."""
     r, n = shard
@@ -107,17 +122,18 @@ def rows(draw: Callable[[tuple], mx.array], shape: tuple, shard: tuple[int, int]
 
 
 def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, shard: tuple[int, int] = (0, 1)):
-    noise = rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
+    noise = shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
     if noise_offset > 0:
         B, _, _, C = latents.shape
-        noise = noise + noise_offset * rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C), shard)
-    t = rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
+        noise = noise + noise_offset * shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C),
+                                                  shard)
+    t = shard_rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
     return noise, t
 
 
 def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float, shard: tuple[int, int] = (0, 1)) -> mx.array:
     """One draw from the VAE posterior N(mean, std^2), scaled for the UNet."""
-    eps = rows(lambda s: mx.random.normal(s, dtype=mean.dtype), mean.shape, shard)
+    eps = shard_rows(lambda s: mx.random.normal(s, dtype=mean.dtype), mean.shape, shard)
     return (mean + std * eps) * scaling_factor
 
 
@@ -168,8 +184,9 @@ class TrainStep:
 
     def lr(self) -> float:
         """The LR the next update will use."""
-        sched = self.optimizer._schedulers.get("learning_rate")
-        return float(sched(self.optimizer.step)) if sched else float(self.optimizer.learning_rate)
+        if isinstance(self.optimizer, ScheduledAdamW):
+            return self.optimizer.lr_at()
+        return float(self.optimizer.learning_rate)
 
 
 def _leaves(tree):

@@ -9,7 +9,7 @@ Layouts and units:
 - Weights: attribute names equal diffusers' names, so `tree_flatten(unet.parameters())` keys are
   the diffusers state-dict keys. Conv weights are OHWI (`nn.Conv2d`); the transformer
   `proj_in`/`proj_out` are `nn.Linear` whatever `use_linear_projection` says (a 1x1 conv on NHWC
-  is a Linear; `convert.diffusers` squeezes the conv weights).
+  is a Linear; `convert.layout` squeezes the conv weights).
 
 The attention projections `to_q`, `to_k`, `to_v` and `to_out[0]` are plain `nn.Linear` modules
 called as `self.to_q(x)`, so LoRA injection can swap them in the module tree.

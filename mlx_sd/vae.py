@@ -7,7 +7,7 @@ Layouts and units:
   before the UNet, divide by it before `decode`, as diffusers pipelines do;
 - attribute names equal diffusers' names; conv weights are OHWI. The mid-block attention uses the
   current names `to_q/to_k/to_v/to_out.0` as Linear layers (old `query/key/value/proj_attn`
-  checkpoints are renamed by `convert.diffusers`).
+  checkpoints are renamed by `convert.layout`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import MlxSdError
 
-class WeightsError(ValueError):
+
+class WeightsError(MlxSdError, ValueError):
     pass
 
 

@@ -22,7 +22,7 @@ def tiny_diffusers_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mlx_dir(tiny_diffusers_dir, tmp_path_factory) -> Path:
     """The tiny pipeline converted to the MLX folder layout by the real `convert` code path."""
-    from convert.folder import convert_pipeline
+    from convert.model import convert_pipeline
 
     out = tmp_path_factory.mktemp("tiny_mlx") / "mlx"
     convert_pipeline(tiny_diffusers_dir, out)

@@ -12,7 +12,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from mlx_sd.configs import SD15  # the published SD1.5 configs and tokenizer, shipped with the package
+
+
+def rel_err(ours, ref) -> float:
+    """The parity measure of every test: max |ours - ref| / max |ref|, in float64.
+
+    Both sides in the same layout (use `nhwc` for a torch NCHW reference); MLX, numpy and torch
+    arrays are accepted.
+    """
+    a = np.asarray(ours.detach() if hasattr(ours, "detach") else ours, dtype=np.float64)
+    b = np.asarray(ref.detach() if hasattr(ref, "detach") else ref, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def nhwc(t):
+    """A torch NCHW tensor as an NHWC numpy array."""
+    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 TINY_UNET = dict(
     sample_size=16,
@@ -60,7 +79,8 @@ _WORDS = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte <-> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"),
+                                                                                                      ord("\xff") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -123,18 +123,18 @@ def randomize(model, seed: int, scale: float = 0.1) -> None:
                 p.normal_(0, 0.5, generator=g)
 
 
-TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu"}
-TINY_DINOV2 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 56,
-                   "patch_size": 14}
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8, hidden_act="quick_gelu")
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=56,
+                   patch_size=14)
 # openai/clip-vit-large-patch14 and facebook/dinov2-large, as their config.json files state them.
-CLIP_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-                       "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "projection_dim": 768}
-CLIP_L14_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                     "max_position_embeddings": 77, "hidden_act": "quick_gelu", "vocab_size": 49408, "eos_token_id": 2,
-                     "projection_dim": 768}
-DINOV2_L14 = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "image_size": 518,
-                  "patch_size": 14, "layerscale_value": 1.0}
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77, hidden_act="quick_gelu", vocab_size=49408, eos_token_id=2,
+                     projection_dim=768)
+DINOV2_L14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, image_size=518,
+                  patch_size=14, layerscale_value=1.0)
 
 
 def make_tiny_clip(folder: Path, seed: int = 0):
@@ -145,9 +145,9 @@ def make_tiny_clip(folder: Path, seed: int = 0):
 
     folder = Path(folder)
     vocab = write_tiny_tokenizer_files(folder)
-    text = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "max_position_embeddings": 77, "hidden_act": "quick_gelu", "bos_token_id": vocab - 2, "eos_token_id": vocab - 1,
-                "pad_token_id": vocab - 1}
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                pad_token_id=vocab - 1)
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=24)).eval()
     randomize(model, seed)

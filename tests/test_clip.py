@@ -8,7 +8,7 @@ from transformers import CLIPTextModel as TorchCLIPTextModel
 from transformers import CLIPTokenizer
 
 from fixtures import SD15
-from mlx_sd.models import ModelFolder
+from mlx_sd.model_folder import ModelFolder
 from mlx_sd.tokenizer import Tokenizer
 
 PROMPTS = [

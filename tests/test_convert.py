@@ -12,8 +12,10 @@ from safetensors.torch import load_file as torch_load
 
 import convert.folder as cf
 from convert.__main__ import main as convert_main
-from convert.diffusers import COMPONENTS, diffusers_to_mlx, mlx_to_diffusers
-from mlx_sd.models import ModelFolder, ModelFolderError, resolve_model
+from convert.model import convert_pipeline
+from convert.layout import COMPONENTS, diffusers_to_mlx, mlx_to_diffusers
+from convert.model import resolve_model
+from mlx_sd.model_folder import ModelFolder, ModelFolderError, build_component
 from mlx_sd.weights import WeightsError, load_strict
 
 
@@ -26,7 +28,7 @@ def test_key_coverage_both_ways(comp, tiny_diffusers_dir):
     src = _torch_state(tiny_diffusers_dir, comp)
     config = json.loads((tiny_diffusers_dir / comp / "config.json").read_text())
     converted = diffusers_to_mlx(comp, src)
-    model_keys = {k: v.shape for k, v in tree_flatten(cf._build_model(comp, config).parameters())}
+    model_keys = {k: v.shape for k, v in tree_flatten(build_component(comp, config).parameters())}
     assert set(converted) == set(model_keys)
     assert all(tuple(converted[k].shape) == tuple(model_keys[k]) for k in converted)
     back = mlx_to_diffusers(comp, converted, config)
@@ -77,7 +79,7 @@ def test_tampered_source_folder_fails_conversion(tiny_diffusers_dir, tmp_path):
     mx.save_safetensors(str(f), w)
     out = tmp_path / "out"
     with pytest.raises(WeightsError, match="decoder.conv_out.bias"):
-        cf.convert_pipeline(src, out)
+        convert_pipeline(src, out)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
 
 
@@ -94,11 +96,11 @@ def test_atomic_output_on_failure(tiny_diffusers_dir, tiny_mlx_dir, tmp_path, mo
 
     monkeypatch.setattr(cf, "convert_component", crash_on_vae)
     with pytest.raises(KeyboardInterrupt):
-        cf.convert_pipeline(tiny_diffusers_dir, out, force=True)
+        convert_pipeline(tiny_diffusers_dir, out, force=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # old conversion intact
     assert not list(tmp_path.glob(".model.*"))
     with pytest.raises(KeyboardInterrupt):
-        cf.convert_pipeline(tiny_diffusers_dir, tmp_path / "fresh")
+        convert_pipeline(tiny_diffusers_dir, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
 
 
@@ -107,9 +109,9 @@ def test_existing_output_needs_force_and_never_replaces_other_folders(tiny_diffu
     out.mkdir()
     (out / "notes.txt").write_text("user data")
     with pytest.raises(cf.ConversionError, match="--force"):
-        cf.convert_pipeline(tiny_diffusers_dir, out)
+        convert_pipeline(tiny_diffusers_dir, out)
     with pytest.raises(cf.ConversionError, match="not a converted model folder"):
-        cf.convert_pipeline(tiny_diffusers_dir, out, force=True)
+        convert_pipeline(tiny_diffusers_dir, out, force=True)
     assert (out / "notes.txt").read_text() == "user data"
 
 
@@ -190,7 +192,7 @@ def test_hub_repo_id_downloads_only_needed_files(tiny_diffusers_dir, tmp_path, m
     lister, downloader = _fake_hub(repo, calls)
     monkeypatch.setattr(cf, "list_repo_files", lister)
     monkeypatch.setattr(cf, "snapshot_download", downloader)
-    out = cf.convert_pipeline("someone/tiny-sd", tmp_path / "out")
+    out = convert_pipeline("someone/tiny-sd", tmp_path / "out")
     assert [c[0] for c in calls] == ["list", "download"]
     fetched = sorted(str(p.relative_to(tmp_path / "hub" / "snapshot")) for p in (tmp_path / "hub" / "snapshot").rglob("*") if p.is_file())
     assert not any(("fp16" in f or f.endswith(".bin") or "non_ema" in f or "pruned" in f or "safety" in f) for f in fetched)
@@ -209,7 +211,7 @@ def test_hub_bin_only_repo_is_refused_before_download(tiny_diffusers_dir, tmp_pa
     monkeypatch.setattr(cf, "list_repo_files", lister)
     monkeypatch.setattr(cf, "snapshot_download", downloader)
     with pytest.raises(cf.ConversionError, match="text_encoder: only PyTorch .bin weights"):
-        cf.convert_pipeline("someone/old-sd", tmp_path / "out")
+        convert_pipeline("someone/old-sd", tmp_path / "out")
     assert [c[0] for c in calls] == ["list"]
 
 

@@ -135,7 +135,11 @@ def test_lora_spec_parsing(tmp_path):
 def test_seeds_depend_only_on_place():
     s = {gen.image_seed(0, p, i) for p in range(20) for i in range(5)}
     assert len(s) == 100
-    assert gen.image_seed(0, 3, 1) == gen.image_seed(0, 3, 1) != gen.image_seed(1, 3, 1)
+    assert gen.image_seed(0, 3, 1) != gen.image_seed(1, 3, 1)  # the run seed changes every image's seed
+    # An image's seed does not depend on how many prompts or images per prompt the run has.
+    small = {j.name: j.seed for j in gen.plan(["a"] * 4, 2, 0)}
+    large = {j.name: j.seed for j in gen.plan(["b"] * 9, 5, 0)}
+    assert small == {n: large[n] for n in small}
 
 
 def test_module_entry_point():

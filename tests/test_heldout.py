@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lora.layers import LoRAConfig, inject_lora, lora_layers, lora_state
+from lora.layers import LoRAConfig, inject_lora, lora_layers
 from mlx_sd.heldout import fixed_noise, fixed_timesteps, heldout_loss, item_losses, split_holdout
-from mlx_sd.models import ModelFolder
+from mlx_sd.model_folder import ModelFolder
 from mlx_sd.schedulers import NoiseSchedule
 
 
@@ -94,7 +94,9 @@ def test_heldout_loss_after_reload_of_the_adapter_is_identical(tiny, tmp_path):
     folder, schedule, latents, ctx = tiny
     unet = _unet(folder, seed=1)
     before = heldout_loss(unet, schedule, latents, ctx, per_image=2)
-    mx.save_safetensors(str(tmp_path / "lora.safetensors"), lora_state(unet))
+    from mlx.utils import tree_flatten
+
+    mx.save_safetensors(str(tmp_path / "lora.safetensors"), dict(tree_flatten(unet.trainable_parameters())))
     fresh = _unet(folder, seed=99)
     assert heldout_loss(fresh, schedule, latents, ctx, per_image=2) != before
     fresh.load_weights(list(mx.load(str(tmp_path / "lora.safetensors")).items()), strict=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import SD15
+from fixtures import SD15, rel_err
 from lora import LoRAConfig, fuse_lora, inject_lora, lora_layers, trainable_count
 from lora.formats import (
     DIFFUSERS_WEIGHTS,
@@ -23,7 +23,7 @@ from lora.formats import (
     save_fused_model,
 )
 from mlx_sd.config import UNetConfig, read_json
-from mlx_sd.models import ModelFolder
+from mlx_sd.model_folder import ModelFolder
 from mlx_sd.unet import UNet2DConditionModel
 
 TOL = 1e-4
@@ -47,8 +47,6 @@ def _torch_out(unet, x, t, ctx):
     return out.permute(0, 2, 3, 1).numpy()
 
 
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _randomize(unet, seed):
@@ -104,7 +102,7 @@ def test_fused_equals_unfused(trained_like):
     x, t, ctx = _inputs()
     unfused = _mlx_out(trained_like, x, t, ctx)
     assert fuse_lora(trained_like) > 0 and not lora_layers(trained_like)
-    assert _rel(_mlx_out(trained_like, x, t, ctx), unfused) <= 1e-5
+    assert rel_err(_mlx_out(trained_like, x, t, ctx), unfused) <= 1e-5
 
 
 def test_round_trip_is_exact(trained_like, tmp_path):
@@ -135,8 +133,8 @@ def test_diffusers_loads_our_files(fmt, trained_like, tiny_diffusers_dir, tmp_pa
     base = _torch_out(_torch_pipe(tiny_diffusers_dir).unet, x, t, ctx)
     ours = _mlx_out(trained_like, x, t, ctx)
     theirs = _torch_out(pipe.unet, x, t, ctx)
-    assert _rel(ours, base) > 1e-2  # the adapter really changes the output
-    assert _rel(ours, theirs) <= TOL
+    assert rel_err(ours, base) > 1e-2  # the adapter really changes the output
+    assert rel_err(ours, theirs) <= TOL
 
 
 def test_peft_loads_our_folder(trained_like, tiny_diffusers_dir, tmp_path):
@@ -145,10 +143,12 @@ def test_peft_loads_our_folder(trained_like, tiny_diffusers_dir, tmp_path):
 
     export_adapter(adapter_from_model(trained_like), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0"}
-    peft_unet = PeftModel.from_pretrained(TorchUNet.from_pretrained(str(tiny_diffusers_dir / "unet")), str(tmp_path)).eval()
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {"to_q", "to_k", "to_v",
+                                                                                       "to_out.0"}
+    peft_unet = PeftModel.from_pretrained(TorchUNet.from_pretrained(str(tiny_diffusers_dir / "unet")),
+                                          str(tmp_path)).eval()
     x, t, ctx = _inputs()
-    assert _rel(_mlx_out(trained_like, x, t, ctx), _torch_out(peft_unet, x, t, ctx)) <= TOL
+    assert rel_err(_mlx_out(trained_like, x, t, ctx), _torch_out(peft_unet, x, t, ctx)) <= TOL
 
 
 def test_import_and_stack_adapters_like_diffusers(trained_like, tiny_diffusers_dir, tiny_mlx_dir, tmp_path):
@@ -165,7 +165,7 @@ def test_import_and_stack_adapters_like_diffusers(trained_like, tiny_diffusers_d
     apply_adapter(unet, load_adapter(a_dir / DIFFUSERS_WEIGHTS), scale=0.5)
     apply_adapter(unet, load_adapter(b_dir / KOHYA_WEIGHTS), scale=1.25)
     x, t, ctx = _inputs()
-    assert _rel(_mlx_out(unet, x, t, ctx), _torch_out(pipe.unet, x, t, ctx)) <= TOL
+    assert rel_err(_mlx_out(unet, x, t, ctx), _torch_out(pipe.unet, x, t, ctx)) <= TOL
 
 
 def test_old_diffusers_naming_imports(trained_like, tiny_mlx_dir, tmp_path):
@@ -181,7 +181,7 @@ def test_old_diffusers_naming_imports(trained_like, tiny_mlx_dir, tmp_path):
     unet = ModelFolder(tiny_mlx_dir).unet()
     apply_adapter(unet, loaded, scale=2.0)  # alpha/r = 1 here, x2 = the trained scale of 8/4
     x, t, ctx = _inputs()
-    assert _rel(_mlx_out(unet, x, t, ctx), _mlx_out(trained_like, x, t, ctx)) <= 1e-5
+    assert rel_err(_mlx_out(unet, x, t, ctx), _mlx_out(trained_like, x, t, ctx)) <= 1e-5
 
 
 def test_foreign_adapter_is_refused_with_every_key(trained_like, tiny_mlx_dir, tmp_path):
@@ -204,7 +204,8 @@ def test_foreign_adapter_is_refused_with_every_key(trained_like, tiny_mlx_dir, t
     assert f"wrong shape: {k0}" in msg
     assert np.array_equal(np.array(unet.conv_in.weight), before)
 
-    mx.save_safetensors(str(tmp_path / "te.safetensors"), {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": mx.zeros((4, 4))})
+    mx.save_safetensors(str(tmp_path / "te.safetensors"),
+                        {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": mx.zeros((4, 4))})
     with pytest.raises(AdapterError, match="text-encoder"):
         load_adapter(tmp_path / "te.safetensors")
 
@@ -227,5 +228,8 @@ def test_save_fused_model_folder(trained_like, tiny_mlx_dir, tmp_path):
     want = _mlx_out(trained_like, x, t, ctx)
     out = save_fused_model(tiny_mlx_dir, trained_like, tmp_path / "fused")
     fused = ModelFolder(out).unet()
-    assert _rel(_mlx_out(fused, x, t, ctx), want) <= 1e-5
-    assert ModelFolder(out).text_encoder() is not None
+    assert rel_err(_mlx_out(fused, x, t, ctx), want) <= 1e-5
+    for comp in ("text_encoder", "vae"):  # copied unchanged: only the UNet has the adapter in it
+        got, want = out / comp / "model.safetensors", tiny_mlx_dir / comp / "model.safetensors"
+        assert got.read_bytes() == want.read_bytes()
+    assert ModelFolder(out).info["fused_from"] == str(ModelFolder(tiny_mlx_dir).path)

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from mlx_sd.pipeline import StableDiffusion
+from fixtures import rel_err
 
 PROMPT = "a photo of black casual shoes on white background"
 NEGATIVE = "blue leather"
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from diffusers import (
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from fixtures import SD15
+from fixtures import SD15, rel_err
 from mlx_sd.config import ConfigError, SchedulerConfig
 from mlx_sd.schedulers import (
     SAMPLERS,
@@ -88,9 +88,6 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
     return x.numpy().transpose(0, 2, 3, 1)
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def run_ours(sampler, x_T, noises=None):

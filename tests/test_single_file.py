@@ -19,17 +19,15 @@ import pytest
 
 import convert.single_file as sf
 from convert.__main__ import main as convert_main
-from convert.diffusers import COMPONENTS
+from convert.layout import COMPONENTS
 from convert.ldm import LDMKeyError, diffusers_to_ldm, ldm_to_diffusers, select_unet_weights
-from mlx_sd.models import ModelFolder
+from fixtures import rel_err
+from mlx_sd.model_folder import ModelFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def _mlx_weights(folder: Path) -> dict[str, dict[str, mx.array]]:
@@ -78,10 +76,10 @@ def test_export_loads_in_diffusers_with_equal_outputs(exported, tiny_diffusers_d
     errs = {}
     with torch.no_grad():
         t = torch.tensor([10, 800])
-        errs["unet"] = _rel(ours.unet(x, t, ctx).sample, ref.unet(x, t, ctx).sample)
-        errs["vae.encode"] = _rel(ours.vae.encode(img).latent_dist.mean, ref.vae.encode(img).latent_dist.mean)
-        errs["vae.decode"] = _rel(ours.vae.decode(x[:1]).sample, ref.vae.decode(x[:1]).sample)
-        errs["text_encoder"] = _rel(ours.text_encoder(ids).last_hidden_state, ref.text_encoder(ids).last_hidden_state)
+        errs["unet"] = rel_err(ours.unet(x, t, ctx).sample, ref.unet(x, t, ctx).sample)
+        errs["vae.encode"] = rel_err(ours.vae.encode(img).latent_dist.mean, ref.vae.encode(img).latent_dist.mean)
+        errs["vae.decode"] = rel_err(ours.vae.decode(x[:1]).sample, ref.vae.decode(x[:1]).sample)
+        errs["text_encoder"] = rel_err(ours.text_encoder(ids).last_hidden_state, ref.text_encoder(ids).last_hidden_state)
     print(f"\nfrom_single_file(our export) vs from_pretrained, relative max error: {errs}")
     assert all(e <= TOL for e in errs.values()), errs
 
@@ -352,11 +350,11 @@ def test_fused_lora_model_exports_and_diffusers_sees_the_lora(tiny_mlx_dir, tiny
         args = (torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([10]), torch.from_numpy(ctx))
         t_out = theirs(*args).sample.permute(0, 2, 3, 1).numpy()
         b_out = base(*args).sample.permute(0, 2, 3, 1).numpy()
-    err = _rel(t_out, mlx_out)
+    err = rel_err(t_out, mlx_out)
     print(f"\nfused LoRA: diffusers(from_single_file) vs MLX fused UNet, relative max error {err:.2e}; "
-          f"LoRA effect vs base {_rel(b_out, mlx_out):.2e}")
+          f"LoRA effect vs base {rel_err(b_out, mlx_out):.2e}")
     assert err <= 1e-4
-    assert _rel(b_out, mlx_out) > 1e-2  # the LoRA is really in the file
+    assert rel_err(b_out, mlx_out) > 1e-2  # the LoRA is really in the file
 
 
 def test_export_refuses_to_overwrite_and_is_atomic(tiny_mlx_dir, tmp_path, monkeypatch, capsys):
@@ -391,15 +389,15 @@ _MAKE_SD15 = """
 import json, sys
 import mlx_sd, mlx.core as mx
 from mlx.utils import tree_flatten
-from convert.diffusers import COMPONENTS, mlx_to_diffusers
-from convert.folder import _build_model
+from convert.layout import COMPONENTS, mlx_to_diffusers
+from mlx_sd.model_folder import build_component
 from convert.ldm import diffusers_to_ldm
 from mlx_sd.configs import SD15
 mx.random.seed(0)
 comps = {}
 for c in COMPONENTS:  # MLX's lazy init: random weights of the real shapes, made as they are written
     cfg = json.loads((SD15 / c / "config.json").read_text())
-    comps[c] = mlx_to_diffusers(c, dict(tree_flatten(_build_model(c, cfg).parameters())), cfg)
+    comps[c] = mlx_to_diffusers(c, dict(tree_flatten(build_component(c, cfg).parameters())), cfg)
 mx.save_safetensors(sys.argv[1], diffusers_to_ldm(comps))
 """
 

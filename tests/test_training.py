@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 import train
 from lora import LoRAConfig, inject_lora, lora_layers
 from mlx_sd.data import read_captions, scan
-from mlx_sd.models import ModelFolder
+from mlx_sd.model_folder import ModelFolder
 from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.training import LR_SCHEDULERS, LossConfig, TrainStep, lr_factor
 
@@ -124,7 +124,8 @@ def test_train_learns_and_exports(tiny_mlx_dir, tmp_path):
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     print(f"mean loss first 20 steps {first:.4f}, last 20 {last:.4f}, ratio {last / first:.3f}")
     assert last < 0.7 * first
-    for f in ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+    for f in ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors",
+              "lora_kohya.safetensors"):
         assert (out / "lora_weights" / f).exists()
     assert (logs / "loss_curve.png").exists() and (logs / "config.json").exists()
     assert (out / "checkpoints" / "checkpoint-200").is_dir()
@@ -180,7 +181,7 @@ def test_second_run_reuses_cache(tiny_mlx_dir, tmp_path, monkeypatch):
         raise AssertionError("images re-encoded although the cache is valid")
 
     monkeypatch.setattr(data_mod, "encode_images", fail)
-    assert run_train(*args) == 0
+    assert run_train(*args, "--overwrite") == 0  # a new run in the same folder keeps the cache
 
 
 def test_bad_entries_are_skipped_and_named(tiny_mlx_dir, tmp_path, capsys):
@@ -218,7 +219,8 @@ def test_caption_layouts(tmp_path, layout):
     caps = json.loads((data / "captions.json").read_text())
     (data / "captions.json").unlink()
     if layout == "list":
-        recs = [{"image" if i % 2 else "file_name": f, "caption" if i % 2 else "text": c} for i, (f, c) in enumerate(caps.items())]
+        recs = [{"image" if i % 2 else "file_name": f, "caption" if i % 2 else "text": c}
+                for i, (f, c) in enumerate(caps.items())]
         (data / "captions.json").write_text(json.dumps(recs))
     else:
         lines = [json.dumps({"file_name": f, "text": c}) for f, c in caps.items()]
@@ -230,7 +232,8 @@ def test_caption_layouts(tmp_path, layout):
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for flag in ("--pretrained_model_name_or_path", "--train_data_dir", "--output_dir", "--resolution",
                  "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps", "--num_train_epochs",
                  "--learning_rate", "--lr_scheduler", "--lr_warmup_steps", "--lora_rank", "--lora_alpha",
@@ -248,7 +251,8 @@ def test_config_file_and_cli_override(tmp_path):
     assert args.learning_rate == 5e-5 and args.lora_rank == 4
     shipped = train.parse_args(["--config", str(ROOT / "configs" / "training_config.json"), "--train_data_dir", "x"])
     assert (shipped.train_batch_size, shipped.gradient_accumulation_steps, shipped.max_train_steps) == (2, 8, 3000)
-    assert (shipped.lora_rank, shipped.lora_alpha, shipped.lr_scheduler, shipped.lr_warmup_steps) == (8, 16, "cosine", 500)
+    assert (shipped.lora_rank, shipped.lora_alpha, shipped.lr_scheduler, shipped.lr_warmup_steps) == (8, 16, "cosine",
+                                                                                                      500)
     cfg.write_text(json.dumps({"learning_rte": 1}))
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(cfg), "--train_data_dir", "x"])

@@ -9,13 +9,12 @@ import mlx_sd  # noqa: F401  (before mlx.core: installs the fast BLAS)
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from convert.diffusers import diffusers_to_mlx
-from fixtures import SD15, TINY_UNET, _randomize_norms
+from convert.layout import diffusers_to_mlx
+from fixtures import SD15, TINY_UNET, _randomize_norms, nhwc, rel_err
 from mlx_sd.config import UNetConfig, read_json
 from mlx_sd.unet import ResnetBlock2D, Transformer2DModel, UNet2DConditionModel, load_unet
 from mlx_sd.weights import load_strict
@@ -37,9 +36,6 @@ def nchw_to_nhwc(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy().transpose(0, 2, 3, 1))
 
 
-def rel_err(ours: mx.array, ref_nchw: torch.Tensor) -> float:
-    ref = ref_nchw.numpy().transpose(0, 2, 3, 1)
-    return float(np.abs(np.array(ours) - ref).max() / np.abs(ref).max())
 
 
 def compare(torch_unet, unet, batch: int, size: tuple[int, int], timesteps, seed: int = 0) -> float:
@@ -52,7 +48,7 @@ def compare(torch_unet, unet, batch: int, size: tuple[int, int], timesteps, seed
         ref = torch_unet(x, t, ctx).sample
     ours = unet(nchw_to_nhwc(x), mx.array(t.numpy()), mx.array(ctx.numpy()))
     assert ours.shape == (batch, h, w, torch_unet.config.out_channels)
-    err = rel_err(ours, ref)
+    err = rel_err(ours, nhwc(ref))
     print(f"UNet parity {tuple(torch_unet.config.block_out_channels)} t={timesteps}: relative max error {err:.2e}")
     return err
 
@@ -223,4 +219,5 @@ def test_checkpointing_keeps_large_self_attention_out_of_the_recompute(tiny_pair
     for (q, k), n in once.items():
         kept = q == k and q >= unet.attention_chunk
         expected = n if kept else 2 * n
-        assert counts[True][(q, k)] == expected, f"attention {q}x{k} ran {counts[True][(q, k)]} times, expected {expected}"
+        assert counts[True][(q,
+                             k)] == expected, f"attention {q}x{k} ran {counts[True][(q, k)]} times, expected {expected}"

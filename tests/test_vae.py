@@ -13,10 +13,11 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from convert.diffusers import diffusers_to_mlx
+from convert.layout import diffusers_to_mlx
 from mlx_sd.config import VAEConfig
 from mlx_sd.vae import AutoencoderKL, load_vae
 from mlx_sd.weights import load_strict
+from fixtures import nhwc, rel_err
 
 TOL = 1e-4
 
@@ -25,9 +26,6 @@ def to_mx(state_dict) -> dict:
     return {k: mx.array(v.detach().numpy()) for k, v in state_dict.items()}
 
 
-def rel_err(ours: mx.array, ref_nchw: torch.Tensor) -> float:
-    ref = ref_nchw.numpy().transpose(0, 2, 3, 1)
-    return float(np.abs(np.array(ours) - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def test_encode_parity(tiny_pair, image):
     mean, logvar = vae.encode(mx.array(image.numpy().transpose(0, 2, 3, 1)))
     assert mean.shape == logvar.shape == (2, 4, 6, 4)
     for name, ours, ref in (("mean", mean, dist.mean), ("logvar", logvar, dist.logvar)):
-        err = rel_err(ours, ref)
+        err = rel_err(ours, nhwc(ref))
         print(f"VAE encode {name}: relative max error {err:.2e}")
         assert err <= TOL, f"{name}: relative max error {err:.2e} > {TOL}"
 
@@ -73,7 +71,7 @@ def test_decode_parity(tiny_pair):
         ref = torch_vae.decode(z).sample
     ours = vae.decode(mx.array(z.numpy().transpose(0, 2, 3, 1)))
     assert ours.shape == (2, 32, 48, 3)
-    err = rel_err(ours, ref)
+    err = rel_err(ours, nhwc(ref))
     print(f"VAE decode: relative max error {err:.2e}")
     assert err <= TOL, f"relative max error {err:.2e} > {TOL}"
 

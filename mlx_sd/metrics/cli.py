@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
-from ..data import DataError
-from ..weights import WeightsError
-from .evaluate import (
-    LOWER_IS_BETTER,
-    best_row,
-    compare_folders,
-    evaluate_set,
-    plot_metrics,
-    score_captions,
-    validation_sets,
-)
-from .features import FeatureModel, FeatureModelError
-from .images import ImageFolderError, ImageList, list_images
+from ..errors import MlxSdError
+from ..evaluate import (LOWER_IS_BETTER, best_row, compare_folders, evaluate_set, plot_metrics, score_captions,
+                        validation_sets)
+from ..io import write_text
+from .features import FeatureModel
+from .images import ImageList, list_images
 from .scores import MetricError
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "fd_dinov2": "FD-DINOv2", "fd_clip": "FD-CLIP",
@@ -45,10 +36,7 @@ def _models(args) -> list[FeatureModel]:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _fmt(key: str, r: dict) -> str:
@@ -186,7 +174,8 @@ def run_checkpoints(args) -> int:
             raise MetricError(f"{run / 'checkpoints'}: no checkpoint-<step> folders")
         for step, path in ckpts:
             folder = out / f"checkpoint-{step}"
-            argv = ["--model", args.model, "--lora", str(path), "--num_images_per_prompt", str(args.num_images_per_prompt),
+            argv = ["--model", args.model, "--lora", str(path),
+                    "--num_images_per_prompt", str(args.num_images_per_prompt),
                     "--seed", str(args.seed), "--steps", str(args.steps), "--height", str(args.resolution),
                     "--width", str(args.resolution), "--output_dir", str(folder)]
             for p in prompts:
@@ -233,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 "demo-models": run_demo_models}
     try:
         return commands[args.command](args)
-    except (MetricError, FeatureModelError, ImageFolderError, DataError, WeightsError, ConfigError) as e:
+    except MlxSdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..models import cache_root
+from ..errors import MlxSdError
+from ..io import atomic_file, cache_root
 from .images import ImageList, clip_pixels, dinov2_pixels, read_rgb, to_float
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ PREPROCESS_VERSION = 1
 _FILE_HASHES: dict[tuple, str] = {}
 
 
-class FeatureModelError(ValueError):
+class FeatureModelError(MlxSdError, ValueError):
     pass
 
 
@@ -45,6 +45,21 @@ def _sha256(path: Path) -> str:
                 h.update(chunk)
         _FILE_HASHES[key] = h.hexdigest()
     return _FILE_HASHES[key]
+
+
+def build_feature_model(kind: str, config: dict):
+    """An MLX feature model of `kind` ("inception", "clip", "dinov2") from its config.json contents."""
+    from .clip_model import CLIPModel, CLIPModelConfig
+    from .dinov2 import Dinov2Config, Dinov2Model
+    from .inception import FIDInceptionV3
+
+    if kind == "inception":
+        return FIDInceptionV3()
+    if kind == "clip":
+        return CLIPModel(CLIPModelConfig.from_transformers(config))
+    if kind == "dinov2":
+        return Dinov2Model(Dinov2Config.from_transformers(config))
+    raise FeatureModelError(f"unknown feature model {kind!r}; expected inception, clip or dinov2")
 
 
 @dataclass
@@ -100,7 +115,8 @@ class FeatureModel:
 
     def text_features(self, prompts: list[str], batch_size: int = 32) -> np.ndarray:
         if self.kind != "clip":
-            raise FeatureModelError(f"{self.folder}: a {self.kind} model has no text tower; CLIP score needs a CLIP model")
+            raise FeatureModelError(f"{self.folder}: a {self.kind} model has no text tower; "
+                                    "CLIP score needs a CLIP model")
         out = []
         for i in range(0, len(prompts), batch_size):
             ids = mx.array(self.tokenizer(prompts[i:i + batch_size]))
@@ -124,14 +140,8 @@ def set_key(model: FeatureModel, paths: list[Path]) -> str:
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def folder_features(model: FeatureModel, images: ImageList, batch_size: int = 16, cache: bool = True,

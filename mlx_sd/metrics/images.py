@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import MlxSdError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,7 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(MlxSdError, ValueError):
     pass
 
 
@@ -136,21 +138,3 @@ def dinov2_pixels(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarra
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     return _normalise(np.asarray(im), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def read_captions_file(folder: str | Path, images: ImageList) -> list[tuple[Path, str]]:
-    """(image, caption) for every readable image named in the folder's captions.json / metadata.jsonl.
-
-    The caption formats are the training data's (`mlx_sd.data.read_captions`).
-    """
-    from ..data import DataError, read_captions
-
-    try:
-        _, records = read_captions(folder)
-    except DataError as e:
-        raise ImageFolderError(f"{e}; CLIP score needs each image's prompt") from None
-    by_name = {Path(n).name: t for n, t in records}
-    out = [(p, by_name[p.name]) for p in images.paths if p.name in by_name]
-    if not out:
-        raise ImageFolderError(f"{folder}: none of the {len(records)} captions names a readable image in {images.folder}")
-    return out

@@ -16,8 +16,10 @@ import warnings
 
 import numpy as np
 
+from ..errors import MlxSdError
 
-class MetricError(ValueError):
+
+class MetricError(MlxSdError, ValueError):
     pass
 
 
@@ -25,7 +27,8 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
     try:
         from scipy import linalg
     except ImportError:
-        raise MetricError("Fréchet distances need scipy: pip install 'mlx-sd-lora[eval]' (or pip install scipy)") from None
+        raise MetricError("Fréchet distances need scipy: pip install 'mlx-sd-lora[eval]' "
+                          "(or pip install scipy)") from None
     with warnings.catch_warnings():
         # fewer images than feature dimensions make S1 S2 singular; the result is still the one
         # pytorch-fid reports, and `mlx-sd-eval` states the rank problem in its notes instead

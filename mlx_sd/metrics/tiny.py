@@ -17,14 +17,15 @@ from mlx.utils import tree_flatten
 
 from ..configs import SD15
 
-TINY_CLIP = {"projection_dim": 32,
-             "text_config": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                 "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                                 "eos_token_id": 2},
-             "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                   "image_size": 64, "patch_size": 16, "hidden_act": "quick_gelu"}}
-TINY_DINOV2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 224,
-                   "patch_size": 14}
+TINY_CLIP = {
+    "projection_dim": 32,
+    "text_config": dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2),
+    "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=64, patch_size=16, hidden_act="quick_gelu"),
+}
+TINY_DINOV2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=224,
+                   patch_size=14)
 
 
 def _spread_inception(model) -> None:
@@ -44,8 +45,8 @@ def _spread_inception(model) -> None:
 
 def make_tiny_feature_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write `out/{inception,clip,dinov2}` (random, seeded); returns the folders."""
-    from convert.feature_models import build_model
-    from convert.folder import write_marker
+    from ..model_folder import write_marker
+    from .features import build_feature_model
 
     out = Path(out)
     configs = {"inception": {"model_type": "fid_inception_v3", "source_file": "random (demo)"},
@@ -53,7 +54,7 @@ def make_tiny_feature_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
     folders = {}
     for k, (kind, config) in enumerate(configs.items()):
         mx.random.seed(seed + k)
-        model = build_model(kind, config)
+        model = build_feature_model(kind, config)
         if kind == "inception":
             _spread_inception(model)
         folder = out / kind

@@ -14,13 +14,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import FeatureModel, folder_features
-from .images import list_images, read_captions_file
-from .scores import MetricError, clip_scores, frechet_distance, gaussian_stats, kid
+from .data import DataError, read_captions
+from .metrics.features import FeatureModel, folder_features
+from .metrics.images import ImageFolderError, ImageList, list_images
+from .metrics.scores import MetricError, clip_scores, frechet_distance, gaussian_stats, kid
 
 FID_FULL_RANK = 2048
 LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "fd_dinov2": True, "fd_clip": True, "clip_score": False}
 FD_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "clip": "fd_clip"}
+
+
+def read_captions_file(folder: str | Path, images: ImageList) -> list[tuple[Path, str]]:
+    """(image, caption) for every readable image named in the folder's captions.json / metadata.jsonl.
+
+    The caption formats are the training data's (`mlx_sd.data.read_captions`).
+    """
+    try:
+        _, records = read_captions(folder)
+    except DataError as e:
+        raise ImageFolderError(f"{e}; CLIP score needs each image's prompt") from None
+    by_name = {Path(n).name: t for n, t in records}
+    out = [(p, by_name[p.name]) for p in images.paths if p.name in by_name]
+    if not out:
+        raise ImageFolderError(f"{folder}: none of the {len(records)} captions names a readable image "
+                               f"in {images.folder}")
+    return out
 
 
 def compare_folders(real: str | Path, generated: str | Path, models: list[FeatureModel], *,
@@ -51,7 +69,8 @@ def compare_folders(real: str | Path, generated: str | Path, models: list[Featur
         n = min(len(fr.paths), len(fg.paths))
         if n < fr.features.shape[1] and not any("covariance" in s for s in out["notes"]):
             out["notes"].append(f"{n} images < {fr.features.shape[1]} feature dimensions: the covariances are not "
-                                "full rank; Fréchet distances are comparable only at equal N against the same reference")
+                                "full rank; Fréchet distances are comparable only at equal N against the same "
+                                "reference")
         if len(fr.paths) != len(fg.paths):
             out["notes"].append(f"the sets differ in size ({len(fr.paths)} vs {len(fg.paths)}); FD is biased by N")
     out["notes"] = sorted(set(out["notes"]))

@@ -17,11 +17,12 @@ import re
 
 import mlx.core as mx
 
+from mlx_sd.model_folder import COMPONENTS
+
 _OLD_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_ATTN_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _LINEAR_1X1_RE = re.compile(r"(^|\.)(proj_in|proj_out|to_q|to_k|to_v|to_out\.0)\.weight$")
 
-COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 def diffusers_to_mlx(component: str, tensors: dict[str, mx.array]) -> dict[str, mx.array]:

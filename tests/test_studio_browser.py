@@ -1,0 +1,276 @@
+"""The studio's three pages in a real headless browser: Debian's chromium driven by Playwright.
+
+Playwright is given the system browser's path (no browser download); CI installs both (`.ci/run`).
+With STUDIO_SCREENSHOTS=/some/folder the tests save a PNG of each page there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from PIL import Image
+
+# CI sets STUDIO_REQUIRE_BROWSER=1: there a missing piece is a failure, not a skip.
+REQUIRED = os.environ.get("STUDIO_REQUIRE_BROWSER") == "1"
+CHROMIUM = os.environ.get("STUDIO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    import starlette  # noqa: F401
+    from playwright import sync_api
+except ImportError as e:
+    if REQUIRED:
+        raise
+    pytest.skip(f"{e.name} is not installed: pip install -e '.[dev]'", allow_module_level=True)
+if not CHROMIUM:
+    if REQUIRED:
+        raise RuntimeError("no chromium on PATH: apt-get install chromium (or set STUDIO_CHROMIUM)")
+    pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+from test_studio import PROMPTS, Studio, make_generated, make_run, metric_line  # noqa: E402
+
+TIMEOUT_MS = 20_000
+PIXEL_JS = """(id) => {
+  const img = document.getElementById(id);
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  return Array.from(ctx.getImageData(0, 0, 1, 1).data.slice(0, 3));
+}"""
+RED, BLUE = [255, 0, 0], [0, 0, 255]
+
+
+def screenshot(page, name: str) -> None:
+    folder = os.environ.get("STUDIO_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    run = make_run(tmp_path / "shoes-r8")
+    run2 = make_run(tmp_path / "shoes-r16", lines=5, steps=(100, 200), scale=0.07)
+    base = make_generated(tmp_path / "base", BLUE)
+    lora = make_generated(tmp_path / "lora", RED)
+    db = tmp_path / "votes.sqlite"
+    studio = Studio([run, run2, base, lora], db)
+    yield studio, run, db
+    studio.kill()
+
+
+def new_page(browser, studio):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    return page
+
+
+def n_points(page, run_id: str, key: str = "loss") -> tuple[int, int]:
+    """(data-n, number of x,y pairs actually drawn) of one run's polyline."""
+    line = page.locator(f'#chart-{key} polyline.series[data-run="{run_id}"][data-key="{key}"]')
+    return int(line.get_attribute("data-n")), len(line.get_attribute("points").split())
+
+
+def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup):
+    studio, run, _ = setup
+    page = new_page(browser, studio)
+    page.goto(studio.base + "/runs")
+    run_id = "0/20260101-120000"
+    page.wait_for_selector(f'polyline.series[data-run="{run_id}"]')
+    assert n_points(page, run_id) == (7, 7)  # metrics.jsonl has 7 lines
+    assert n_points(page, "1/20260101-120000") == (5, 5)  # the second run on the same chart
+    for key in ("lr", "grad_norm", "s_per_step", "peak_memory_gb"):
+        assert n_points(page, run_id, key) == (7, 7)
+    page.evaluate("window.__notReloaded = true")
+    metrics = run / "logs" / "20260101-120000" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write(metric_line(8))
+        f.write(json.dumps({"step": 8, "epoch": 0, "val_loss": 0.02}) + "\n")
+    page.wait_for_function(
+        f"""() => document.querySelector('#chart-loss polyline.series[data-run="{run_id}"][data-key="loss"]')
+                 .getAttribute('data-n') === '8'""", timeout=TIMEOUT_MS)
+    assert n_points(page, run_id) == (8, 8)
+    assert page.evaluate("window.__notReloaded") is True
+    page.wait_for_selector(f'polyline.series[data-run="{run_id}"][data-key="val_loss"][data-n="1"]', state="attached")
+    assert page.locator(f'#chart-loss circle.marker[data-run="{run_id}"][data-key="val_loss"]').count() == 1
+    screenshot(page, "studio-runs.png")
+    page.context.close()
+
+
+def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
+    studio, run, _ = setup
+    page = new_page(browser, studio)
+    page.goto(studio.base + "/timeline")
+    page.wait_for_selector(".strip img")
+    imgs = page.locator(".strip img")
+    assert imgs.count() == 3 * 2 * 2  # steps x prompts x images; the grid PNGs are not in the rows
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.strip img')].every(i => i.complete && i.naturalWidth)")
+    rows = page.evaluate("""() => [...document.querySelectorAll('.strip')].map(r =>
+        [...r.querySelectorAll('img')].map(i => decodeURIComponent(i.getAttribute('src')).split('/').pop()))""")
+    assert rows == [[f"epoch{s // 100:03d}_step{s:04d}_prompt{p}_img{i}.png" for s in (100, 200, 300)]
+                    for p in range(2) for i in range(2)]
+    headings = page.locator(".prompt-block h3").all_inner_texts()
+    assert headings == [f"prompt {p}: {text}" for p, text in enumerate(PROMPTS)]
+    screenshot(page, "studio-timeline.png")
+
+    def shown():
+        src = unquote(page.locator("#lightbox img").get_attribute("src"))
+        return src.split("/")[-1], page.evaluate(PIXEL_JS.replace('getElementById(id)',
+                                                                  'querySelector("#lightbox img")'),
+                                                  None)
+
+    page.locator('.strip img[data-row="2"][data-col="0"]').click()  # prompt 1, image 0, first step
+    page.wait_for_selector("#lightbox.open")
+    page.wait_for_function("() => document.querySelector('#lightbox img').naturalWidth > 0")
+    assert shown() == ("epoch001_step0100_prompt1_img0.png", [100, 40, 0])
+    for key, step in (("ArrowRight", 200), ("ArrowRight", 300), ("ArrowRight", 300), ("ArrowLeft", 200)):
+        page.keyboard.press(key)
+        page.wait_for_function(f"() => document.querySelector('#lightbox').dataset.step === '{step}'")
+        page.wait_for_function("() => document.querySelector('#lightbox img').complete")
+        name, pixel = shown()
+        assert name == f"epoch{step // 100:03d}_step{step:04d}_prompt1_img0.png" and pixel == [step % 256, 40, 0]
+    page.keyboard.press("ArrowDown")  # the next row: prompt 1, image 1, same step
+    page.wait_for_function("() => document.querySelector('#lightbox img').complete")
+    assert shown()[0] == "epoch002_step0200_prompt1_img1.png"
+    screenshot(page, "studio-timeline-enlarged.png")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#lightbox:not(.open)", state="attached")
+    # A validation written while the page is open (training goes on) appears without a reload.
+    for p in range(2):
+        for i in range(2):
+            Image.new("RGB", (32, 32), (144, 40 * p,
+                                        60 * i)).save(run / "validation" / f"epoch004_step0400_prompt{p}_img{i}.png")
+    page.wait_for_function("() => document.querySelectorAll('.strip img').length === 16")
+    assert page.locator('.strip img[data-row="0"]').last.get_attribute("data-step") == "400"
+    page.context.close()
+
+
+def start_voting(page, studio, rater: str, a: str = "base", b: str = "lora") -> None:
+    page.goto(studio.base + "/ab")
+    page.wait_for_selector("#srcA option", state="attached")
+    ids = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    page.select_option("#srcA", ids[a])
+    page.select_option("#srcB", ids[b])
+    page.fill("#rater", rater)
+    page.click("#start")
+    page.wait_for_selector('body[data-ready="1"]')
+
+
+def lora_side(page) -> str:
+    left, right = page.evaluate(PIXEL_JS, "left"), page.evaluate(PIXEL_JS, "right")
+    assert sorted([left, right]) == sorted([RED, BLUE]), (left, right)
+    return "left" if left == RED else "right"
+
+
+def wait_votes(page, n: int) -> None:
+    page.wait_for_function(f"() => document.body.dataset.votes === '{n}' && document.body.dataset.ready === '1'")
+
+
+def test_twenty_keyboard_votes_are_stored_ranked_and_survive_a_restart(browser, setup, tmp_path):
+    studio, _, db = setup
+    page = new_page(browser, studio)
+    start_voting(page, studio, "ana")
+    expected = []
+    for k in range(20):
+        side = lora_side(page)  # the test looks at the pixels, as a rater looks at the images
+        if k % 5 == 3:
+            key, answer = ("t" if k % 2 else "ArrowDown"), "tie"
+        elif k % 7 == 6:
+            key, answer = "x", "both_bad"
+        else:
+            key = {"left": "a" if k % 2 else "ArrowLeft", "right": "b" if k % 2 else "ArrowRight"}[side]
+            answer = "B"  # lora is source B
+        expected.append((side, answer))
+        page.keyboard.press(key)
+        wait_votes(page, k + 1)
+    rows = sqlite3.connect(db).execute("SELECT rater, source_a, source_b, shown, answer FROM votes ORDER BY id")
+    rows = rows.fetchall()
+    assert len(rows) == 20
+    assert all(r[:3] == ("ana", "base", "lora") for r in rows)
+    assert [r[4] for r in rows] == [a for _, a in expected]
+    assert [r[3] for r in rows] == ["BA" if side == "left" else "AB" for side, _ in expected]  # lora left = BA
+    page.wait_for_selector('#results[data-votes="20"]', state="attached")
+    cells = page.evaluate(
+        "() => [...document.querySelectorAll('#pairs tr')].map(r => [...r.cells].map(c => c.innerText))")
+    answers = [a for _, a in expected]
+    assert cells[1:] == [["base vs lora", "0", str(answers.count("B")), str(answers.count("tie")),
+                          str(answers.count("both_bad"))]]
+    ranking = page.locator("#ranking tr").all_inner_texts()
+    assert "lora" in ranking[1] and "base" in ranking[2]
+    screenshot(page, "studio-ab.png")
+    page.context.close()
+
+    studio.kill()  # SIGKILL: no shutdown handler runs
+    again = Studio(studio_folders(studio), db)
+    try:
+        res = again.json("/api/ab/results?rounds=100")
+        assert res["votes"] == 20 and res["ratings"][0]["name"] == "lora"
+        page = new_page(browser, again)
+        start_voting(page, again, "ana")
+        page.keyboard.press("t")
+        wait_votes(page, 1)
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 21
+        page.context.close()
+    finally:
+        again.kill()
+
+
+def studio_folders(studio) -> list[str]:
+    args = studio.proc.args
+    return args[args.index("mlx_sd.studio") + 1: args.index("--port")]
+
+
+def test_two_browsers_voting_at_once_lose_nothing(browser, setup):
+    studio, _, db = setup
+    p1, p2 = new_page(browser, studio), new_page(browser, studio)
+    start_voting(p1, studio, "ana")
+    start_voting(p2, studio, "ben")
+    sides = []
+    for k in range(10):
+        sides.append(lora_side(p1))
+        p1.keyboard.press("a")  # both presses go out before either vote is answered
+        p2.keyboard.press("t")
+        wait_votes(p1, k + 1)
+        wait_votes(p2, k + 1)
+    rows = sqlite3.connect(db).execute("SELECT rater, shown, answer FROM votes ORDER BY id").fetchall()
+    assert len(rows) == 20
+    ana = [r for r in rows if r[0] == "ana"]
+    ben = [r for r in rows if r[0] == "ben"]
+    assert len(ana) == 10 and len(ben) == 10
+    assert all(r[2] == "tie" for r in ben)
+    # "a" picks the left image: source A (base) when shown AB, source B (lora) when shown BA.
+    assert [r[2] for r in ana] == ["B" if s == "left" else "A" for s in sides]
+    assert [r[1] for r in ana] == ["BA" if s == "left" else "AB" for s in sides]
+    for p in (p1, p2):
+        p.context.close()
+
+
+def test_pages_work_without_network_access(browser, setup):
+    """Every request the pages make goes to the studio itself (no CDN): block everything else and look."""
+    studio, _, _ = setup
+    page = new_page(browser, studio)
+    outside = []
+    page.context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(studio.base)
+                       else (outside.append(route.request.url), route.abort()))
+    for path, ready in (("/runs", "polyline.series"), ("/timeline", ".strip img"), ("/ab", "#srcA option")):
+        page.goto(studio.base + path)
+        page.wait_for_selector(ready, state="attached")
+        time.sleep(0.3)
+    assert outside == []
+    page.context.close()
