@@ -3,6 +3,8 @@ never lets a held-out image into training."""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -101,3 +103,62 @@ def test_heldout_loss_after_reload_of_the_adapter_is_identical(tiny, tmp_path):
     assert heldout_loss(fresh, schedule, latents, ctx, per_image=2) != before
     fresh.load_weights(list(mx.load(str(tmp_path / "lora.safetensors")).items()), strict=False)
     assert heldout_loss(fresh, schedule, latents, ctx, per_image=2) == before
+
+
+# --- wired into train.py -------------------------------------------------------------------------------
+
+
+def _train(tiny_mlx_dir, data, out, *extra):
+    import train
+
+    args = [str(a) for a in ("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", data,
+                             "--output_dir", out, "--resolution", 128, "--lr_warmup_steps", 0, "--lr_scheduler",
+                             "constant", "--no_validation", "--checkpointing_steps", 1, "--validation_steps", 1,
+                             "--seed", 3, "--validation_split", 0.25, *extra)]
+    assert train.main(args + ["--no_progress"]) == 0
+    logs = sorted((out / "logs").iterdir())[-1]
+    records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def test_train_validation_split_logs_val_loss_and_never_trains_on_held_out(tiny_mlx_dir, tmp_path, monkeypatch):
+    import train
+    from test_training import make_dataset
+
+    data = make_dataset(tmp_path / "data", n=8)
+    seen = []
+    real = train.load_or_encode
+
+    def spy(cache_dir, key, samples, *a, **k):
+        seen.append({s.path.name for s in samples})
+        return real(cache_dir, key, samples, *a, **k)
+
+    monkeypatch.setattr(train, "load_or_encode", spy)
+    val = _train(tiny_mlx_dir, data, tmp_path / "run", "--max_train_steps", 2, "--train_batch_size", 2,
+                 "--learning_rate", 1e-3)
+    training, held = seen  # the training set is encoded first, the held-out images once, apart
+    assert len(training) == 6 and len(held) == 2 and not training & held
+    assert sorted(val) == [1, 2] and all(np.isfinite(v) for v in val.values())
+
+
+@pytest.mark.slow  # four tiny training runs
+def test_train_val_loss_same_at_batch_1_and_4_and_after_resume(tiny_mlx_dir, tmp_path):
+    from test_training import make_dataset
+
+    data = make_dataset(tmp_path / "data", n=8)
+    # learning rate 1e-30: the update is far below float32 resolution, so the weights stay the initial
+    # ones and only the held-out computation itself could depend on the batch size
+    b1 = _train(tiny_mlx_dir, data, tmp_path / "b1", "--max_train_steps", 1, "--train_batch_size", 1,
+                "--learning_rate", 1e-30)
+    b4 = _train(tiny_mlx_dir, data, tmp_path / "b4", "--max_train_steps", 1, "--train_batch_size", 4,
+                "--learning_rate", 1e-30)
+    assert b1 == b4
+    full = _train(tiny_mlx_dir, data, tmp_path / "full", "--max_train_steps", 2, "--train_batch_size", 2,
+                  "--learning_rate", 1e-3)
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-1", tmp_path / "ck1")
+    resumed = _train(tiny_mlx_dir, data, tmp_path / "resumed", "--max_train_steps", 2, "--train_batch_size", 2,
+                     "--learning_rate", 1e-3, "--resume_from_checkpoint", tmp_path / "ck1")
+    print(f"val_loss uninterrupted {full}, resumed {resumed}")
+    assert resumed[2] == full[2] and full[1] != full[2]
