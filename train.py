@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +37,7 @@ from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from mlx_sd.config import ConfigError
 from mlx_sd.data import BatchPlan, DataError, dataset_fingerprint, load_or_encode, scan
 from mlx_sd.errors import MlxSdError
+from mlx_sd.heldout import heldout_loss, split_holdout
 from mlx_sd.io import WriteError, write_text
 from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, read_metrics
 from mlx_sd.model_folder import MARKER, ModelFolder
@@ -137,6 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--validation_guidance_scale", type=number(float, min=0), default=7.5,
                    help="classifier-free guidance for validation")
     g.add_argument("--no_validation", action="store_true", help="render no validation images")
+    g.add_argument("--validation_split", type=number(float, min=0), default=0.0,
+                   help="fraction of the images kept out of training; their loss at fixed timesteps and noise "
+                        "is logged as val_loss at each validation (e.g. 0.05)")
+    g.add_argument("--validation_data_dir", default=None,
+                   help="a separate held-out dataset (images/ + captions.json) for val_loss instead of a split")
     g.add_argument("--save_fused_pipeline", action="store_true",
                    help="also write final_pipeline/: a full model folder with the LoRA fused in")
 
@@ -237,6 +243,7 @@ class Inputs:
     schedule: NoiseSchedule
     tokenizer: object
     scaling: float  # the VAE's latent scaling factor
+    held: list = field(default_factory=list)  # held-out samples for val_loss, never in a training batch
 
 
 def load_inputs(args, run: Run) -> Inputs:
@@ -245,10 +252,21 @@ def load_inputs(args, run: Run) -> Inputs:
     for s in skipped:
         run.say(f"skipped {s}")
     run.say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {args.train_data_dir}")
+    held = []
+    if args.validation_data_dir:
+        held, _ = scan(args.validation_data_dir, strict=args.strict_data)
+    elif args.validation_split:
+        try:
+            keep, out = split_holdout([s.path.name for s in samples], args.validation_split, args.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        samples, held = [samples[i] for i in keep], [samples[i] for i in out]
+    if held:
+        run.say(f"held out for val_loss: {len(held)} images; training on {len(samples)}")
     folder = ModelFolder(resolve_model(args.pretrained_model_name_or_path))
     check_resolution(args.resolution, folder)
     scaling = float(folder.config("vae").get("scaling_factor", 0.18215))
-    return Inputs(samples, folder, NoiseSchedule(folder.scheduler_config()), folder.tokenizer(), scaling)
+    return Inputs(samples, folder, NoiseSchedule(folder.scheduler_config()), folder.tokenizer(), scaling, held)
 
 
 def check_resolution(resolution: int, folder: ModelFolder) -> None:
@@ -328,17 +346,38 @@ def restore(world, run: Run, resume: Path | None, unet, optimizer, run_config: d
     return distributed.share_training_state(world, unet, optimizer, start_step)
 
 
-def validator(args, run: Run, inputs: Inputs, unet):
-    """`validate(epoch, step)` rendering the validation prompts with the training UNet, or None."""
+def heldout_scorer(args, run: Run, inputs: Inputs, unet):
+    """`score()` -> the held-out loss of the current adapter (mlx_sd.heldout), or None without held-out images."""
+    if not inputs.held or not run.main:
+        return None
+    folder = inputs.folder
+    key = dataset_fingerprint(inputs.held, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
+                              args.resolution, False)
+    data = load_or_encode(run.out / "cache", f"heldout-{key}", inputs.held, args.resolution, False, folder.vae,
+                          folder.text_encoder, inputs.tokenizer, progress=run.progress)
+    latents, ctx = data.mean * inputs.scaling, data.text[data.caption_index]  # posterior mean: no sampling
+    return lambda: heldout_loss(unet, inputs.schedule, latents, ctx, seed=args.seed)
+
+
+def validator(args, run: Run, inputs: Inputs, unet, metrics=None):
+    """`validate(epoch, step)`: val_loss on the held-out images and the validation prompts rendered, or None."""
     prompts = validation_prompts(args)
-    if args.no_validation or not prompts:
+    score = heldout_scorer(args, run, inputs, unet)
+    render = not args.no_validation and bool(prompts)
+    if not render and score is None:
         return None
     from mlx_sd.validation import run_validation
 
     def validate(epoch: int, step: int) -> None:
-        run_validation(inputs.folder, unet, inputs.tokenizer, prompts, run.out / "validation", epoch, step,
-                       args.num_validation_images, args.validation_inference_steps, args.validation_sampler,
-                       args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress)
+        if score is not None:
+            val = score()
+            run.say(f"step {step}: val_loss {val:.6f} ({len(inputs.held)} held-out images)")
+            if metrics is not None:
+                metrics.write({"step": step, "epoch": epoch, "val_loss": val})
+        if render:
+            run_validation(inputs.folder, unet, inputs.tokenizer, prompts, run.out / "validation", epoch, step,
+                           args.num_validation_images, args.validation_inference_steps, args.validation_sampler,
+                           args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress)
 
     return validate
 
@@ -393,7 +432,7 @@ def train(args, world: distributed.World, run: Run) -> int:
                         args.validation_steps, args.checkpoints_total_limit, args.skip_nan_steps)
     metrics = MetricsLog(run.logs, args.report_to) if run.main and not args.check else None
     trainer = Trainer(stepper, unet, optimizer, batches, world, schedule, ckpt_root, run_config, metrics,
-                      validator(args, run, inputs, unet), progress=run.progress, say=run.say)
+                      validator(args, run, inputs, unet, metrics), progress=run.progress, say=run.say)
     run.started = True
     try:
         if args.check:

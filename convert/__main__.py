@@ -6,6 +6,9 @@
       FILENAME the single file in it.
   python -m convert --to-single-file MODEL_DIR OUT.safetensors
       a converted MLX folder (a LoRA-fused one too) -> one original-layout file for A1111/ComfyUI.
+  python -m convert --feature-model {inception,clip,dinov2} SOURCE OUT_DIR
+      an evaluation feature model for mlx-sd-eval: pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+      (file or URL), openai/clip-vit-large-patch14, facebook/dinov2-large (Hub id or local folder).
 """
 
 from __future__ import annotations
@@ -37,13 +40,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="diffusers or converted folder whose configs, tokenizer and scheduler to use "
                              "(default: the bundled SD1.5 ones)")
     single.add_argument("--allow-pickle", action="store_true",
-                        help="allow .ckpt (pickle) files, read with torch.load(weights_only=True); needs torch")
+                        help="allow .ckpt (pickle) files; read by an allow-list reader that runs no code from them")
     single.add_argument("--non-ema", action="store_true",
                         help="use the non-EMA UNet weights of a file that has both (default: EMA)")
     single.add_argument("--to-single-file", action="store_true",
                         help="export: SOURCE is a converted MLX folder, OUT_DIR the .safetensors file to write")
+    p.add_argument("--feature-model", default=None, choices=("inception", "clip", "dinov2"),
+                   help="convert an evaluation feature model instead of an SD pipeline (see above)")
     args = p.parse_args(argv)
     try:
+        if args.feature_model:
+            from .feature_models import convert_feature_model
+
+            out = convert_feature_model(args.feature_model, args.source, args.out_dir, force=args.force,
+                                        revision=args.revision)
+            print(f"converted {args.source} -> {out} ({args.feature_model} feature model)")
+            return 0
         if args.to_single_file:
             from .single_file import export_single_file
 

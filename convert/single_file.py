@@ -7,10 +7,10 @@ In:  `python -m convert FILE OUT_DIR` or `python -m convert REPO_ID OUT_DIR --fi
 Out: `python -m convert --to-single-file MODEL_DIR OUT.safetensors` -> one original-layout file.
 
 Steps: read (safetensors with `mx.load`; `.ckpt` only with `allow_pickle`, through
-`torch.load(weights_only=True)`), name the architecture if it is not SD1.x, check every key and
-shape against the target models in the file's own (LDM) names, then `convert.ldm` (LDM <->
-diffusers names) and `convert.layout` (diffusers <-> MLX layout). torch is imported only for
-`.ckpt` files.
+`convert.pickle_reader`, which runs no code from the file), name the architecture if it is not
+SD1.x, check every key and shape against the target models in the file's own (LDM) names, then
+`convert.ldm` (LDM <-> diffusers names) and `convert.layout` (diffusers <-> MLX layout). torch
+is never imported.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def _kind(name: str) -> str:
 
 def _refuse_pickle(name: str) -> None:
     raise ConversionError(
-        f"{name} is a pickle checkpoint: loading one can run code hidden in the file. Prefer a "
-        ".safetensors version of it; if you trust its source, pass --allow-pickle "
-        "(read with torch.load(weights_only=True), which needs torch installed)."
+        f"{name} is a pickle checkpoint: loading one with torch.load can run code hidden in the file. Prefer a "
+        ".safetensors version of it; or pass --allow-pickle: only its tensors are read, by an allow-list "
+        "reader that never calls anything the file names (torch is not needed)."
     )
 
 
@@ -80,34 +80,16 @@ def resolve_single_file(source: str | Path, filename: str | None = None, revisio
 
 
 def _load_pickle(path: Path) -> dict[str, mx.array]:
+    from .pickle_reader import PickleReadError, read_state_dict
+
     try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            f"{path}: reading a .ckpt file needs torch (`pip install torch`), which this package does not "
-            "otherwise use; or convert it to .safetensors elsewhere and pass that file"
-        ) from None
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files in the pre-1.6 (non-zip) format cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConversionError(
-            f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "The file holds Python objects besides tensors; convert it to .safetensors with a tool you trust."
-        ) from e
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path}: expected a state dict (or {{'state_dict': ...}}), found {type(obj).__name__}")
+        tensors, dtypes = read_state_dict(path)
+    except PickleReadError as e:
+        raise ConversionError(f"{e}. Convert it to .safetensors with a tool you trust.") from None
     out = {}
-    for key in list(state):
-        t = state.pop(key)  # free each torch tensor once it is copied
-        if isinstance(t, torch.Tensor):
-            if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-                out[key] = mx.array(t.float().numpy()).astype(mx.bfloat16)
-            else:
-                out[key] = mx.array(t.numpy())
+    for key in list(tensors):
+        t = mx.array(tensors.pop(key))  # free each numpy copy once it is an MLX array
+        out[key] = t.astype(mx.bfloat16) if dtypes[key] == "bfloat16" else t
     return out
 
 

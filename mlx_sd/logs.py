@@ -74,7 +74,8 @@ def plot_loss(records: list[dict], out: Path, smooth: int = 20) -> Path | None:
     W, H, pad = 800, 400, 50
     steps = [p[0] for p in pts]
     losses = [p[1] for p in pts]
-    lo, hi = min(losses), max(losses)
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), float)]
+    lo, hi = min(losses + [v for _, v in val]), max(losses + [v for _, v in val])
     hi = hi if hi > lo else lo + 1e-8
     s0, s1 = min(steps), max(steps)
     s1 = s1 if s1 > s0 else s0 + 1
@@ -89,7 +90,13 @@ def plot_loss(records: list[dict], out: Path, smooth: int = 20) -> Path | None:
     windows = [losses[max(0, i - smooth + 1):i + 1] for i in range(len(losses))]
     avg = [sum(w) / len(w) for w in windows]
     d.line([xy(s, v) for s, v in zip(steps, avg)], fill=(20, 60, 160), width=2)
-    d.text((pad, 10), f"training loss (moving average of {smooth})", fill="black")
+    if len(val) > 1:
+        d.line([xy(s, v) for s, v in val], fill=(220, 110, 20), width=2)
+    for s, v in val:
+        x, y = xy(s, v)
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(220, 110, 20))
+    d.text((pad, 10), f"training loss (moving average of {smooth})" + ("; held-out val_loss in orange" if val else ""),
+           fill="black")
     d.text((5, pad - 5), f"{hi:.4g}", fill="black")
     d.text((5, H - pad - 5), f"{lo:.4g}", fill="black")
     d.text((pad, H - pad + 10), f"step {s0}", fill="black")
