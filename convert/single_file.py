@@ -112,7 +112,8 @@ def config_folder(config: str | Path | None) -> Path:
     missing = [f"{c}/config.json" for c in COMPONENTS if not (folder / c / "config.json").exists()]
     missing += [f"{s}/" for s in ("tokenizer", "scheduler") if not (folder / s).is_dir()]
     if missing:
-        raise ConversionError(f"--config {folder}: not a diffusers or converted model folder; missing {', '.join(missing)}")
+        raise ConversionError(f"--config {folder}: not a diffusers or converted model folder; "
+                              f"missing {', '.join(missing)}")
     return folder
 
 
@@ -132,7 +133,8 @@ def check_ldm_keys(state_dict: dict, configs: dict[str, dict], source: str) -> N
     msg = mismatch_report(_expected_ldm(configs),
                           {k: tuple(v.shape) for k, v in state_dict.items() if not IGNORED.search(k)},
                           f"{source} does not match the SD1.x models of its configs:",
-                          "Is it a complete SD1.x checkpoint, and are the configs (--config) the ones it was made with?",
+                          "Is it a complete SD1.x checkpoint, and are the configs (--config) the ones "
+                          "it was made with?",
                           same_shape=lambda a, b: squeeze(a) == squeeze(b))
     if msg:
         raise ConversionError(msg)
@@ -150,7 +152,8 @@ def convert_single_file(source: str | Path, out_dir: str | Path, *, filename: st
     path = resolve_single_file(source, filename, revision, allow_pickle)
     state = load_single_file(path, allow_pickle)
     if arch := detect_architecture(state):
-        raise ConversionError(f"{path.name} is {arch}. Only Stable Diffusion 1.x text-to-image checkpoints are supported.")
+        raise ConversionError(f"{path.name} is {arch}. "
+                              "Only Stable Diffusion 1.x text-to-image checkpoints are supported.")
     try:
         state, unet_weights = select_unet_weights(state, prefer_ema)
     except LDMKeyError as e:
@@ -192,7 +195,8 @@ def export_single_file(model_dir: str | Path, out_file: str | Path, *, dtype: st
         raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     unet_config = folder.config("unet")
     if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") in (1024, 2048):
-        raise ConversionError(f"{folder.path} is not SD1.x-shaped (SD2/SDXL UNet config); an SD1.x single file cannot hold it")
+        raise ConversionError(f"{folder.path} is not SD1.x-shaped (SD2/SDXL UNet config); "
+                              "an SD1.x single file cannot hold it")
     components = {}
     for comp in COMPONENTS:
         tensors = mx.load(str(folder.weights_file(comp)))

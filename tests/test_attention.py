@@ -1,6 +1,7 @@
 """Query-chunked attention (mlx_sd.attention) vs torch's scaled_dot_product_attention.
 
-Outputs and the gradients of q, k and v must match torch autograd within 1e-5 (max error relative to the largest reference value, `fixtures.rel_err`)
+Outputs and the gradients of q, k and v must match torch autograd within 1e-5
+(max error relative to the largest reference value, `fixtures.rel_err`)
 (float32 on the CPU; measured ~3e-7), with a chunk size that does not divide the query length,
 for self- and cross-attention, under mx.compile and inside a gradient checkpoint. The backward
 pass must hold less than half of what the fused attention's backward holds.

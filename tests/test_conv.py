@@ -1,6 +1,7 @@
 """The 3x3 convolution with its own input gradient (mlx_sd.conv) vs torch's conv2d autograd.
 
-Output and the gradients w.r.t. input and weight must match torch within 1e-5 (max error relative to the largest reference value, `fixtures.rel_err`)
+Output and the gradients w.r.t. input and weight must match torch within 1e-5
+(max error relative to the largest reference value, `fixtures.rel_err`)
 (float32; measured ~3e-7) on shapes that take the custom paths (stride 1 and 2, even and odd
 sizes) and shapes that do not.
 """

@@ -61,7 +61,8 @@ def test_export_loads_in_diffusers_with_equal_outputs(exported, tiny_diffusers_d
     import torch
     from diffusers import StableDiffusionPipeline
 
-    ours = StableDiffusionPipeline.from_single_file(str(exported), config=str(tiny_diffusers_dir), local_files_only=True)
+    ours = StableDiffusionPipeline.from_single_file(str(exported), config=str(tiny_diffusers_dir),
+                                                    local_files_only=True)
     ref = StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir)
     for comp in COMPONENTS:  # every parameter placed, none left at its init
         a, b = getattr(ours, comp).state_dict(), getattr(ref, comp).state_dict()
@@ -79,7 +80,8 @@ def test_export_loads_in_diffusers_with_equal_outputs(exported, tiny_diffusers_d
         errs["unet"] = rel_err(ours.unet(x, t, ctx).sample, ref.unet(x, t, ctx).sample)
         errs["vae.encode"] = rel_err(ours.vae.encode(img).latent_dist.mean, ref.vae.encode(img).latent_dist.mean)
         errs["vae.decode"] = rel_err(ours.vae.decode(x[:1]).sample, ref.vae.decode(x[:1]).sample)
-        errs["text_encoder"] = rel_err(ours.text_encoder(ids).last_hidden_state, ref.text_encoder(ids).last_hidden_state)
+        errs["text_encoder"] = rel_err(ours.text_encoder(ids).last_hidden_state,
+                                       ref.text_encoder(ids).last_hidden_state)
     print(f"\nfrom_single_file(our export) vs from_pretrained, relative max error: {errs}")
     assert all(e <= TOL for e in errs.values()), errs
 
@@ -99,7 +101,8 @@ def test_export_has_the_published_layout(exported):
               "cond_stage_model.transformer.text_model.final_layer_norm.weight",
               "cond_stage_model.transformer.text_model.embeddings.position_ids"):
         assert k in keys, k
-    assert not any(k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.encoder.down_blocks")) for k in keys)
+    assert not any(k.startswith(("model.diffusion_model.down_blocks",
+                                 "first_stage_model.encoder.down_blocks")) for k in keys)
     assert state["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)  # 1x1 conv in LDM
     assert state["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (32, 32, 1, 1)
     assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == mx.int64
@@ -114,7 +117,8 @@ def test_pure_mapping_round_trips(exported):
     # The VAE mid-block attention comes out as diffusers' Linear weights.
     assert comps["vae"]["decoder.mid_block.attentions.0.to_out.0.weight"].shape == (64, 64)
     # Nothing is dropped silently: keys with no place are all named.
-    extra = {"model.diffusion_model.input_blocks.1.2.weight": mx.zeros(1), "first_stage_model.encoder.foo.weight": mx.zeros(1)}
+    extra = {"model.diffusion_model.input_blocks.1.2.weight": mx.zeros(1),
+             "first_stage_model.encoder.foo.weight": mx.zeros(1)}
     with pytest.raises(LDMKeyError) as e:
         ldm_to_diffusers({**state, **extra})
     assert e.value.keys == sorted(extra)
@@ -143,7 +147,8 @@ def test_default_configs_are_sd15(exported, tmp_path, capsys):
     assert convert_main([str(exported), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and " missing:" in err and " wrong shape:" in err
-    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight: file (77, 32) vs model (77, 768)" in err
+    key = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+    assert f"{key}: file (77, 32) vs model (77, 768)" in err
     assert "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.bias" in err  # SD1.5 has 12 layers
     assert not (tmp_path / "o").exists()
 
@@ -151,7 +156,8 @@ def test_default_configs_are_sd15(exported, tmp_path, capsys):
 def test_ema_weights_preferred_and_recorded(exported, tiny_diffusers_dir, tiny_mlx_dir, tmp_path, capsys):
     state = mx.load(str(exported))
     # LitEma's names: dots removed after `model_ema.`; values differ so the choice shows.
-    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k,
+           v in state.items() if k.startswith("model.diffusion_model.")}
     ema["model_ema.decay"], ema["model_ema.num_updates"] = mx.array(0.9999), mx.array(1000, dtype=mx.int32)
     both = _save_state({**state, **ema, "alphas_cumprod": mx.ones((1000,))}, tmp_path / "both.safetensors")
 
@@ -437,13 +443,16 @@ def test_full_sd15_shape_both_ways_within_mac_memory(tmp_path):
         orig, again = mx.load(str(src)), mx.load(str(back))
         assert len(orig) == 686 + 248 + 197 and set(again) == set(orig)  # UNet + VAE + CLIP (with position_ids)
         mlx = _mlx_weights(tmp_path / "mlx")
-        for k in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.output_blocks.8.2.conv.weight",
+        for k in ("model.diffusion_model.input_blocks.0.0.weight",
+                  "model.diffusion_model.output_blocks.8.2.conv.weight",
                   "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-                  "first_stage_model.decoder.up.3.block.0.conv1.weight", "first_stage_model.encoder.mid.attn_1.v.weight",
+                  "first_stage_model.decoder.up.3.block.0.conv1.weight",
+                  "first_stage_model.encoder.mid.attn_1.v.weight",
                   "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight"):
             assert again[k].shape == orig[k].shape and mx.array_equal(again[k], orig[k]).item(), k
         # ...and the MLX folder holds them in MLX layout under diffusers names.
-        assert mx.array_equal(mlx["unet"]["conv_in.weight"], orig["model.diffusion_model.input_blocks.0.0.weight"].transpose(0, 2, 3, 1)).item()
+        assert mx.array_equal(mlx["unet"]["conv_in.weight"],
+                              orig["model.diffusion_model.input_blocks.0.0.weight"].transpose(0, 2, 3, 1)).item()
         assert mx.array_equal(mlx["vae"]["decoder.up_blocks.0.resnets.0.conv1.weight"],
                               orig["first_stage_model.decoder.up.3.block.0.conv1.weight"].transpose(0, 2, 3, 1)).item()
         assert mx.array_equal(mlx["vae"]["encoder.mid_block.attentions.0.to_v.weight"],
