@@ -5,11 +5,8 @@ is installable without replacing torch. `reference_fid()` therefore puts a stand
 `torchvision` into `sys.modules` whose `__path__` is an unpacked torchvision wheel's
 `torchvision/` folder (its `__init__` is never run, so its compiled ops are never loaded), imports
 pytorch-fid and torch-fidelity, and removes the stand-in again. The folder comes from
-$MLX_SD_TORCHVISION_SRC or ~/.cache/mlx-sd-tests/torchvision; set it up with
-    pip download --no-deps torchvision==0.28.0 -d /tmp/tv
-    python -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('/tmp/tv/*.whl')[0]);
-               [z.extract(n, '$HOME/.cache/mlx-sd-tests') for n in z.namelist() if n.startswith('torchvision/')]"
-    pip install --no-deps pytorch-fid torch-fidelity torchmetrics lightning-utilities
+$MLX_SD_TORCHVISION_SRC or ~/.cache/mlx-sd-tests/torchvision; set it up
+(and the references, installed without their dependencies) with `python tests/setup_references.py`.
 """
 
 from __future__ import annotations
@@ -30,16 +27,23 @@ TV_SRC = Path(os.environ.get("MLX_SD_TORCHVISION_SRC", Path.home() / ".cache/mlx
 _CACHE: dict = {}
 
 
+def _missing(why: str):
+    """Skip where the references are not set up; fail where they must be (MLX_SD_REQUIRE_REFERENCES=1, as CI)."""
+    if os.environ.get("MLX_SD_REQUIRE_REFERENCES"):
+        raise RuntimeError(why)
+    pytest.skip(why)
+
+
 def reference_fid():
     """(pytorch_fid.inception, pytorch_fid.fid_score, torch_fidelity.metric_kid, torchmetrics CLIPScore),
     or skip saying why."""
     if "mods" in _CACHE:
         return _CACHE["mods"]
     if not (TV_SRC / "models" / "inception.py").exists():
-        pytest.skip(f"no unpacked torchvision at {TV_SRC} (see tests/metrics_reference.py)")
+        _missing(f"no unpacked torchvision at {TV_SRC} (run `python tests/setup_references.py`)")
     for name in ("pytorch_fid", "torch_fidelity", "torchmetrics"):
         if importlib.util.find_spec(name) is None:
-            pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+            _missing(f"{name} is not installed (run `python tests/setup_references.py`)")
     # transformers decides once whether torchvision exists; it must decide before the stand-in appears.
     import transformers.image_utils
     import transformers.modeling_utils  # noqa: F401
