@@ -329,10 +329,11 @@ class StableDiffusion:
             return np.stack([np.asarray(im) for im in to_pil(self._decode_finish(*item))])
 
         for prompts, seeds in batches:
-            prompts, seeds = list(prompts), self._seeds(list(seeds), len(prompts))
+            prompts, seeds = list(prompts), list(seeds)
             if not prompts:
                 queue.append(None)
             else:
+                seeds = self._seeds(seeds, len(prompts))
                 try:
                     cond, uncond = self.encode_prompt(prompts, negative_prompt if use_cfg else None)
                     ctx = mx.concatenate([uncond, cond]) if use_cfg else cond
