@@ -12,8 +12,7 @@ A template file is UTF-8 text, one item a line; blank lines and lines starting w
 - Every other line is a template. `expand(templates)` gives every combination of every template, in
   order; `expand(templates, n, seed)` gives `n` prompts in a seeded order in which every prefix is
   balanced: the templates' counts differ by at most 1, and within a template each slot's alternatives'
-  counts differ by at most 1; combinations repeat only once all are used, with rare exceptions
-  where balance allows no unused one. Growing `n`
+  counts differ by at most 1, and no combination repeats before all of them are used. Growing `n`
   keeps the first prompts, so a run can be extended without changing what it already made.
 """
 
@@ -31,7 +30,6 @@ from .errors import MlxSdError
 
 _SLOT_DEF = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TRIES = 64  # random draws among the balanced choices before searching them all
 
 
 class TemplateError(MlxSdError, ValueError):
@@ -92,10 +90,14 @@ def parse(text: str, source: str = "template") -> list[Template]:
         parts: list[str | int] = []
         slots: list[tuple[str, tuple[str, ...]]] = []
         index: dict[str, int] = {}
+        if re.sub(r"\{[^{}]*\}", "", line).count("{") or re.sub(r"\{[^{}]*\}", "", line).count("}"):
+            raise TemplateError(f"{where}: unbalanced or nested braces; slots are {{a|b}} or {{name}}, not nested")
         pos = 0
         for m in re.finditer(r"\{([^{}]*)\}", line):
             parts.append(line[pos:m.start()])
             body = m.group(1).strip()
+            if not body:
+                raise TemplateError(f"{where}: empty slot {{}}; give alternatives as {{a|b}} or a defined {{name}}")
             if "|" in body:
                 slots.append((f"{{{body}}}", _alternatives(body, where)))
                 parts.append(len(slots) - 1)
@@ -111,8 +113,6 @@ def parse(text: str, source: str = "template") -> list[Template]:
                 raise TemplateError(f"{where}: {{{body}}} is neither a slot name nor alternatives a|b")
             pos = m.end()
         parts.append(line[pos:])
-        if any("{" in p or "}" in p for p in parts if isinstance(p, str)):
-            raise TemplateError(f"{where}: unbalanced or nested braces; slots are {{a|b}} or {{name}}, not nested")
         out.append(Template(line, tuple(parts), tuple(slots)))
     return out
 
@@ -128,36 +128,40 @@ def read_templates(path: str | Path) -> list[Template]:
     return parse(text, str(path))
 
 
-def balanced_choices(sizes: tuple[int, ...], count: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """`count` choices (one index per slot) whose every prefix is balanced per slot (counts within 1).
+def _diagonal(sizes: tuple[int, ...], j: int) -> tuple[int, ...]:
+    """Combination j (0 <= j < prod(sizes)) of an order of all combinations, each once, in which every
+    prefix is balanced per slot. Slots are added one at a time: with the first ones' order (period
+    p) and a new slot of k alternatives, index j takes the earlier combination j mod p and the new
+    value (j + j // lcm(p, k)) mod k. The earlier slots stay balanced (whole periods plus a balanced
+    prefix), the new one runs through consecutive values (balanced in every stretch), and the shift
+    by j // lcm(p, k) makes the p * k pairs distinct."""
+    # Recurse from the last slot back: index j for slots[:i+1] maps to j mod P_i for slots[:i].
+    values = [0] * len(sizes)
+    periods = [math.prod(sizes[:i]) for i in range(len(sizes))]
+    for i in range(len(sizes) - 1, -1, -1):
+        p, k = periods[i], sizes[i]
+        values[i] = (j + j // math.lcm(p, k)) % k
+        j %= p
+    return tuple(values)
 
-    Greedy: each slot may take only its least-used alternatives, and among those a combination not
-    yet used in this cycle of `prod(sizes)` choices where one is left (a repeat within a cycle is
-    rare: see tests/test_synthetic_prompts.py)."""
+
+def balanced_choices(sizes: tuple[int, ...], count: int, seed) -> list[tuple[int, ...]]:
+    """`count` choices (one index per slot): cycles through all `prod(sizes)` combinations, each once
+    per cycle, in an order whose every prefix is balanced per slot (counts within 1). Each cycle
+    relabels every slot's alternatives and reorders the slots at random (`seed`, the cycle)."""
     total = math.prod(sizes)
-    counts = [np.zeros(k, np.int64) for k in sizes]
-    used: set[tuple[int, ...]] = set()
     out = []
-    for _ in range(count):
-        if len(used) == total:
-            used.clear()
-        allowed = [np.flatnonzero(c == c.min()) for c in counts]
-        pick = None
-        for _ in range(_TRIES):
-            cand = tuple(int(rng.choice(a)) for a in allowed)
-            if cand not in used:
-                pick = cand
-                break
-        if pick is None:  # few free choices left: look at every balanced one
-            balanced = list(itertools.product(*allowed))
-            free = [c for c in balanced if c not in used]
-            # Balance comes first: when every balanced combination was used in this cycle, repeat one.
-            choices = free or balanced
-            pick = choices[int(rng.integers(len(choices)))]
-        used.add(pick)
-        for i, v in enumerate(pick):
-            counts[i][v] += 1
-        out.append(pick)
+    for i in range(count):
+        cycle, j = divmod(i, total)
+        if j == 0:
+            rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), cycle])
+            order = rng.permutation(len(sizes))
+            labels = [rng.permutation(k) for k in sizes]
+        raw = _diagonal(tuple(sizes[s] for s in order), j)
+        choice = [0] * len(sizes)
+        for v, s in zip(raw, order):
+            choice[s] = int(labels[s][v])
+        out.append(tuple(choice))
     return out
 
 
@@ -170,6 +174,5 @@ def expand(templates: list[Template], n: int | None = None, seed: int = 0) -> li
     rng = np.random.default_rng([seed, 0])
     order = rng.permutation(len(templates))  # which template comes first in each round
     which = [int(order[i % len(templates)]) for i in range(n)]
-    picks = {t: iter(balanced_choices(templates[t].sizes, which.count(t), np.random.default_rng([seed, 1, t])))
-             for t in set(which)}
+    picks = {t: iter(balanced_choices(templates[t].sizes, which.count(t), [seed, 1, t])) for t in set(which)}
     return [templates[t].fill(next(picks[t])) for t in which]
