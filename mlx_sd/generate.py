@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -401,9 +402,13 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     bar = tqdm(total=len(jobs), initial=first, unit="img", desc="generating", dynamic_ncols=True,
                disable=not world.main, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     made, t0 = 0, time.perf_counter()
+    stop = _StopOnSigterm()
     try:
         for gb, local in zip(batches, stream):
-            pixels = _gather(world, local, [len(gb[r * bs:(r + 1) * bs]) for r in range(world.size)])
+            if stop.asked:  # a batch finished before the stop: keep this rank's images, no more collectives
+                gb, pixels = gb[world.rank * bs:(world.rank + 1) * bs], local
+            else:
+                pixels = _gather(world, local, [len(gb[r * bs:(r + 1) * bs]) for r in range(world.size)])
             if world.main:
                 for job, px in zip(gb, pixels):
                     save_png(Image.fromarray(px), images / job.name, _parameters(job, args))
@@ -416,9 +421,15 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
         bar.close()
         if world.main:
             write_captions(out, images, captions)
-            print(f"\ninterrupted: {first + made} of {len(jobs)} images are in {images}.\n"
+            done = sum((images / j.name).is_file() for j in jobs)
+            why = "interrupted"
+            if stop.sigterm:
+                why = f"{world.tag}stopped (SIGTERM)" + (
+                    "; under mlx.launch this means another rank failed or was killed (its [WARN] line names it)"
+                    if world.size > 1 else "")
+            print(f"\n{why}: {done} of {len(jobs)} images are in {images}.\n"
                   "Re-run the same command to resume; finished images are kept and skipped.", file=sys.stderr)
-        return 130
+        return 143 if stop.sigterm else 130
     except RuntimeError as e:
         why = world.lost(e)
         if why is None:
@@ -429,12 +440,36 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
         print(f"{world.tag}error: {why}\n{first + made} of {len(jobs)} images are in {images}; "
               "re-run the same command to make the rest.", file=sys.stderr)
         return 1
+    finally:
+        stop.restore()
     bar.close()
     dt = time.perf_counter() - t0
     if world.main:
         print(f"made {made} images in {dt:.1f} s ({60 * made / dt:.2f} images/min); {len(jobs)} in {images}, "
               f"captions in {out / CAPTIONS_FILE}")
     return 0
+
+
+class _StopOnSigterm:
+    """SIGTERM (mlx.launch stops the other ranks this way when one fails) stops like Ctrl-C."""
+
+    def __init__(self):
+        self.asked = self.sigterm = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        self.asked = True
+        self.sigterm |= signum == signal.SIGTERM
+        raise KeyboardInterrupt
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

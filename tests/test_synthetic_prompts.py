@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import mlx_sd  # noqa: F401  (fast BLAS before mlx.core)
 from mlx_sd import generate as gen
@@ -137,8 +138,9 @@ def test_resumed_template_run_makes_no_duplicate_and_misses_none(tiny_mlx_dir, t
     prompts = expand(parse(SHOES), 5, seed=3)
     assert [r["text"] for r in a] == [p for p in prompts for _ in range(2)]
     assert all(r["seed"] == gen.image_seed(3, int(r["file_name"][6:11]), int(r["file_name"][15:18])) for r in a)
-    for r in a:  # every image made once, the same in both runs
-        assert (full / "images" / r["file_name"]).read_bytes() == (part / "images" / r["file_name"]).read_bytes()
+    for r in a:  # every image made once, the same in both runs (batched differently: uint8 rounding may differ)
+        with Image.open(full / "images" / r["file_name"]) as x, Image.open(part / "images" / r["file_name"]) as y:
+            assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
     assert sorted(p.name for p in (part / "images").iterdir()) == sorted(r["file_name"] for r in a)
 
 

@@ -67,7 +67,11 @@ def test_a_killed_rank_stops_the_run_and_the_rest_is_made_on_resume(runs, tmp_pa
     os.kill(int((pids / "rank1").read_text()), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
     log = stdout + stderr
-    assert "rank 0: error: lost the connection to rank 1" in log and "re-run the same command" in log, log
+    # mlx.launch stops the other rank with SIGTERM when one dies; a rank inside a collective may see
+    # the lost connection first. Either way rank 0 keeps what it has and says how to go on.
+    assert ("rank 0: stopped (SIGTERM); under mlx.launch this means another rank failed" in log
+            or "rank 0: error: lost the connection to rank 1" in log), log
+    assert "images are in" in log and "Re-run the same command" in log.replace("re-run", "Re-run"), log
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
     assert 4 <= len(kept) < JOBS
     assert len(json.loads((out / "captions.json").read_text())) == len(kept)  # captions match the images
