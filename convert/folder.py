@@ -96,7 +96,8 @@ def inspect_diffusers_folder(folder: Path) -> None:
     if index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
         if "XL" in cls or cls not in ("", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-            raise ConversionError(f"{folder}: pipeline class {cls!r} is not a Stable Diffusion 1.x/2.x text-to-image pipeline")
+            raise ConversionError(f"{folder}: pipeline class {cls!r} is not a Stable Diffusion 1.x/2.x "
+                                  "text-to-image pipeline")
     problems = []
     for comp in COMPONENTS:
         if not (folder / comp).is_dir():
@@ -114,7 +115,8 @@ def inspect_diffusers_folder(folder: Path) -> None:
                 if bins else f"{comp}/{WEIGHT_FILES[comp]}.safetensors missing"
             )
     for sub, need in (("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
-        if not (folder / sub / need).exists() and not (sub == "tokenizer" and (folder / sub / "tokenizer.json").exists()):
+        fast_tokenizer = sub == "tokenizer" and (folder / sub / "tokenizer.json").exists()
+        if not (folder / sub / need).exists() and not fast_tokenizer:
             problems.append(f"{sub}/{need} missing")
     if problems:
         raise ConversionError(

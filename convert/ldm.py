@@ -247,7 +247,8 @@ def diffusers_to_ldm(components: dict[str, dict[str, mx.array]]) -> dict[str, mx
         table[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
     unplaced = []
     for key, value in unet.items():
-        m = re.match(r"((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions)\.\d+|mid_block\.(?:resnets|attentions)\.\d+"
+        m = re.match(r"((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions)\.\d+"
+                     r"|mid_block\.(?:resnets|attentions)\.\d+"
                      r"|(?:down|up)_blocks\.\d+\.(?:down|up)samplers\.0\.conv|time_embedding\.linear_[12]"
                      r"|conv_in|conv_norm_out|conv_out)\.(.+)$", key)
         if not m or m.group(1) not in table:
@@ -264,10 +265,14 @@ def diffusers_to_ldm(components: dict[str, dict[str, mx.array]]) -> dict[str, mx
     for key, value in vae.items():
         new = key
         for old, ldm in ((r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
-                         (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
-                         (r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block."),
-                         (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample."),
-                         (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+                         (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
+                          lambda m: f"encoder.down.{m[1]}.downsample."),
+                         (r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                          lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block."),
+                         (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                          lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample."),
+                         (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
+                          lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
                          (r"(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out.")):
             new = re.sub("^" + old, ldm, new)
         if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)$", key):
@@ -311,13 +316,15 @@ def detect_architecture(state_dict: dict) -> str | None:
     if any(k.startswith("control_model.") for k in keys):
         return "a ControlNet (control_model.*)"
     if in_ch == 9:
-        return "a Stable Diffusion 1.x inpainting model (9 input channels on model.diffusion_model.input_blocks.0.0.weight)"
+        return ("a Stable Diffusion 1.x inpainting model "
+                "(9 input channels on model.diffusion_model.input_blocks.0.0.weight)")
     if in_ch == 8:
         return "an InstructPix2Pix-style model (8 input channels on model.diffusion_model.input_blocks.0.0.weight)"
     if not any(k.startswith(UNET) or k.startswith(EMA) for k in keys):
         if any(k.startswith(("lora_unet_", "lora_te", "unet.")) or ".lora_down." in k or "lora_A" in k for k in keys):
             return "a LoRA adapter, not a full checkpoint (load it with --lora instead)"
         if any(k.startswith(("down_blocks.", "mid_block.", "encoder.", "decoder.")) for k in keys):
-            return "one diffusers-named component, not an original full checkpoint (convert the diffusers folder instead)"
+            return ("one diffusers-named component, not an original full checkpoint "
+                    "(convert the diffusers folder instead)")
         return "not an original Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
     return None

@@ -207,7 +207,8 @@ def _parse(tensors: dict[str, mx.array], metadata: dict, config: dict | None, so
     if bad or unpaired:
         lines = [f"{source}: not a UNet LoRA in a known format:"]
         if bad:
-            lines += [f"  unrecognised key: {k}" for k in bad[:30]] + ([f"  ... {len(bad) - 30} more"] if len(bad) > 30 else [])
+            lines += [f"  unrecognised key: {k}" for k in bad[:30]]
+            lines += [f"  ... {len(bad) - 30} more"] if len(bad) > 30 else []
         if unpaired:
             lines += [f"  down/A without up/B (or the reverse): {k}" for k in unpaired[:30]]
         raise AdapterError("\n".join(lines))
@@ -290,7 +291,8 @@ def resolve(adapter: Adapter, model: nn.Module) -> Adapter:
             continue
         w = linear[p].weight
         a, b = adapter.A[k], adapter.B[k]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
+        if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]
+                or a.shape[0] != b.shape[1]):
             shapes.append(f"{p}: A {tuple(a.shape)}, B {tuple(b.shape)} vs weight {tuple(w.shape)}")
         mapping[k] = p
     if missing or shapes:
@@ -324,7 +326,8 @@ def load_into_lora_layers(model: nn.Module, adapter: Adapter) -> None:
     layers = lora_layers(model)
     missing = sorted(set(layers) - set(adapter.A))
     extra = sorted(set(adapter.A) - set(layers))
-    wrong = [f"{p}: adapter r={adapter.rank(p)}, alpha={adapter.alpha[p]} vs layer r={layers[p].r}, alpha={layers[p].alpha}"
+    wrong = [f"{p}: adapter r={adapter.rank(p)}, alpha={adapter.alpha[p]} "
+             f"vs layer r={layers[p].r}, alpha={layers[p].alpha}"
              for p in set(layers) & set(adapter.A)
              if adapter.rank(p) != layers[p].r or adapter.alpha[p] != layers[p].alpha]
     if missing or extra or wrong:

@@ -40,7 +40,8 @@ class LoRAConfig:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets), "init": self.init}
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
+                "init": self.init}
 
 
 class LoRALinear(nn.Module):

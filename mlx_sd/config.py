@@ -76,9 +76,11 @@ class UNetConfig:
             ("only_cross_attention", (None, False)),
             ("dual_cross_attention", (None, False)),
         ):
-            _require(d, d.get(key) in allowed, f"UNet config: {key}={d.get(key)!r} is not supported (SD1.x/2.x UNets only)")
+            _require(d, d.get(key) in allowed,
+                     f"UNet config: {key}={d.get(key)!r} is not supported (SD1.x/2.x UNets only)")
         for t in d.get("down_block_types", []):
-            _require(d, t in ("CrossAttnDownBlock2D", "DownBlock2D"), f"UNet config: down block type {t!r} is not supported")
+            _require(d, t in ("CrossAttnDownBlock2D", "DownBlock2D"),
+                     f"UNet config: down block type {t!r} is not supported")
         for t in d.get("up_block_types", []):
             _require(d, t in ("CrossAttnUpBlock2D", "UpBlock2D"), f"UNet config: up block type {t!r} is not supported")
         # Not read, on purpose: `use_linear_projection` (proj_in/out are Linear here; convert.layout reads it
@@ -95,7 +97,8 @@ class UNetConfig:
             up_block_types=tuple(d.get("up_block_types", cls.up_block_types)),
             layers_per_block=_per_block(d.get("layers_per_block", 2), n, "layers_per_block"),
             num_attention_heads=_per_block(heads, n, "attention_head_dim"),
-            transformer_layers_per_block=_per_block(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            transformer_layers_per_block=_per_block(d.get("transformer_layers_per_block", 1), n,
+                                                    "transformer_layers_per_block"),
             cross_attention_dim=d.get("cross_attention_dim", 768),
             norm_num_groups=d.get("norm_num_groups", 32),
             norm_eps=d.get("norm_eps", 1e-5),

@@ -58,7 +58,8 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     parts = {
         "text_encoder": ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **TEXT},
                          CLIPTextModel(CLIPTextConfig.from_diffusers(TEXT))),
-        "unet": ({"_class_name": "UNet2DConditionModel", **UNET}, UNet2DConditionModel(UNetConfig.from_diffusers(UNET))),
+        "unet": ({"_class_name": "UNet2DConditionModel", **UNET},
+                 UNet2DConditionModel(UNetConfig.from_diffusers(UNET))),
         "vae": ({"_class_name": "AutoencoderKL", **VAE}, AutoencoderKL(VAEConfig.from_diffusers(VAE))),
     }
     with atomic_folder(out) as tmp:  # a re-run replaces the demo model whole
@@ -127,7 +128,8 @@ def run_training(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mlx-sd-demo", description="Train a LoRA end to end on a built-in tiny model and dataset.")
+    p = argparse.ArgumentParser(prog="mlx-sd-demo",
+                                description="Train a LoRA end to end on a built-in tiny model and dataset.")
     p.add_argument("--output_dir", default="demo_output", help="where the model, dataset and run go")
     p.add_argument("--steps", type=int, default=120, help="training steps")
     p.add_argument("--images", type=int, default=32, help="images in the procedural dataset")

@@ -134,7 +134,8 @@ def parse_lora(spec: str) -> tuple[Path, float]:
         raise GenerateError(f"--lora {spec!r}: no adapter path")
     p = Path(path).expanduser()
     if not p.exists():
-        raise GenerateError(f"--lora {spec!r}: adapter {p} not found (a PEFT folder, or a diffusers/kohya .safetensors file)")
+        raise GenerateError(f"--lora {spec!r}: adapter {p} not found "
+                            "(a PEFT folder, or a diffusers/kohya .safetensors file)")
     return p, scale
 
 
@@ -158,7 +159,8 @@ def _read_captions(out: Path) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run (it is rebuilt from the images)") from None
+        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run "
+                            "(it is rebuilt from the images)") from None
     if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
         return {k: {"file_name": k, "text": v} for k, v in data.items()}
     if isinstance(data, list) and all(isinstance(r, dict) and isinstance(r.get("file_name"), str)

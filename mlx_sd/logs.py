@@ -67,7 +67,8 @@ def plot_loss(records: list[dict], out: Path, smooth: int = 20) -> Path | None:
     """A plain loss curve (raw and moving average) drawn with PIL; no plotting library needed."""
     from PIL import Image, ImageDraw
 
-    pts = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    pts = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int,
+                                                                                 float)) and math.isfinite(r["loss"])]
     if len(pts) < 2:
         return None
     W, H, pad = 800, 400, 50
@@ -85,7 +86,8 @@ def plot_loss(records: list[dict], out: Path, smooth: int = 20) -> Path | None:
     d = ImageDraw.Draw(im)
     d.rectangle([pad, pad, W - pad, H - pad], outline=(180, 180, 180))
     d.line([xy(s, v) for s, v in pts], fill=(160, 190, 230), width=1)
-    avg = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1]) for i in range(len(losses))]
+    windows = [losses[max(0, i - smooth + 1):i + 1] for i in range(len(losses))]
+    avg = [sum(w) / len(w) for w in windows]
     d.line([xy(s, v) for s, v in zip(steps, avg)], fill=(20, 60, 160), width=2)
     d.text((pad, 10), f"training loss (moving average of {smooth})", fill="black")
     d.text((5, pad - 5), f"{hi:.4g}", fill="black")

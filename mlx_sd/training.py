@@ -125,7 +125,8 @@ def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, 
     noise = shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
     if noise_offset > 0:
         B, _, _, C = latents.shape
-        noise = noise + noise_offset * shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C), shard)
+        noise = noise + noise_offset * shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C),
+                                                  shard)
     t = shard_rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
     return noise, t
 

@@ -77,9 +77,9 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
     was_training = unet.training
     unet.eval()  # no LoRA dropout while sampling
     try:
-        images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps, guidance_scale=guidance_scale,
-                               sampler=sampler, seed=seeds, height=resolution, width=resolution,
-                               batch_size=min(4, len(seeds)), progress=progress)
+        images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps,
+                               guidance_scale=guidance_scale, sampler=sampler, seed=seeds, height=resolution,
+                               width=resolution, batch_size=min(4, len(seeds)), progress=progress)
     finally:
         unet.train(was_training)
     files = []

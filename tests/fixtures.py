@@ -79,7 +79,8 @@ _WORDS = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte <-> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"),
+                                                                                                      ord("\xff") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -118,7 +118,8 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tiny_ml
 
 def test_two_runs_started_together_never_share_a_folder(tiny_mlx_dir, data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(Path(train.__file__)), *map(str, args_for(tiny_mlx_dir, data, out, "--max_train_steps", 2)),
+    cmd = [sys.executable, str(Path(train.__file__)), *map(str, args_for(tiny_mlx_dir, data, out, "--max_train_steps",
+                                                                         2)),
            "--no_progress"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]

@@ -143,8 +143,10 @@ def test_peft_loads_our_folder(trained_like, tiny_diffusers_dir, tmp_path):
 
     export_adapter(adapter_from_model(trained_like), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0"}
-    peft_unet = PeftModel.from_pretrained(TorchUNet.from_pretrained(str(tiny_diffusers_dir / "unet")), str(tmp_path)).eval()
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {"to_q", "to_k", "to_v",
+                                                                                       "to_out.0"}
+    peft_unet = PeftModel.from_pretrained(TorchUNet.from_pretrained(str(tiny_diffusers_dir / "unet")),
+                                          str(tmp_path)).eval()
     x, t, ctx = _inputs()
     assert rel_err(_mlx_out(trained_like, x, t, ctx), _torch_out(peft_unet, x, t, ctx)) <= TOL
 
@@ -202,7 +204,8 @@ def test_foreign_adapter_is_refused_with_every_key(trained_like, tiny_mlx_dir, t
     assert f"wrong shape: {k0}" in msg
     assert np.array_equal(np.array(unet.conv_in.weight), before)
 
-    mx.save_safetensors(str(tmp_path / "te.safetensors"), {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": mx.zeros((4, 4))})
+    mx.save_safetensors(str(tmp_path / "te.safetensors"),
+                        {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": mx.zeros((4, 4))})
     with pytest.raises(AdapterError, match="text-encoder"):
         load_adapter(tmp_path / "te.safetensors")
 
@@ -227,5 +230,6 @@ def test_save_fused_model_folder(trained_like, tiny_mlx_dir, tmp_path):
     fused = ModelFolder(out).unet()
     assert rel_err(_mlx_out(fused, x, t, ctx), want) <= 1e-5
     for comp in ("text_encoder", "vae"):  # copied unchanged: only the UNet has the adapter in it
-        assert (out / comp / "model.safetensors").read_bytes() == (tiny_mlx_dir / comp / "model.safetensors").read_bytes()
+        got, want = out / comp / "model.safetensors", tiny_mlx_dir / comp / "model.safetensors"
+        assert got.read_bytes() == want.read_bytes()
     assert ModelFolder(out).info["fused_from"] == str(ModelFolder(tiny_mlx_dir).path)

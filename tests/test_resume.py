@@ -93,13 +93,15 @@ def test_resume_from_a_copied_checkpoint_folder(straight, tiny_mlx_dir, dataset,
 
 
 def test_checkpoint_of_another_run_is_refused(straight, tiny_mlx_dir, dataset, tmp_path, capsys):
-    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                   tmp_path,
                    "--max_train_steps", 8, *[("--lora_rank" if a == "--lora_rank" else a) for a in COMMON],
                    "--lora_rank", 4, "--resume_from_checkpoint", straight / "checkpoints" / "checkpoint-4")
     assert rc == 2
     err = capsys.readouterr().err
     assert "different run" in err and "lora_rank: checkpoint 8 vs now 4" in err
-    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                   tmp_path,
                    "--max_train_steps", 8, *COMMON, "--gradient_accumulation_steps", 1,
                    "--resume_from_checkpoint", straight / "checkpoints" / "checkpoint-4")
     assert rc == 2
@@ -107,7 +109,8 @@ def test_checkpoint_of_another_run_is_refused(straight, tiny_mlx_dir, dataset, t
 
 
 def test_pruning_keeps_the_newest(tiny_mlx_dir, dataset, tmp_path):
-    assert run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+    assert run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                     tmp_path,
                      "--max_train_steps", 5, "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, *COMMON) == 0
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5]
 
@@ -155,7 +158,8 @@ def test_kill_during_checkpoint_write_leaves_only_complete_ones(tiny_mlx_dir, tm
     assert 99 not in [s for s, _ in list_checkpoints(root)]
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_dir, dataset, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_dir, dataset, tmp_path, monkeypatch,
+                                                                       capsys):
     real = train.TrainStep
 
     class NanAtThird(real):
@@ -170,14 +174,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_
             self.grad_step = grad_step
 
     monkeypatch.setattr(train, "TrainStep", NanAtThird)
-    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                   tmp_path,
                    "--max_train_steps", 6, "--checkpointing_steps", 2, *COMMON)
     assert rc == 1
     err = capsys.readouterr().err
     assert "step 3: loss is nan" in err and "checkpoint-2" in err
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
 
-    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path / "skip",
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                   tmp_path / "skip",
                    "--max_train_steps", 4, "--skip_nan_steps", *COMMON)
     assert rc == 0
     assert "1 update(s) skipped" in capsys.readouterr().out
@@ -186,7 +192,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_
 def test_validation_images_at_the_right_steps(tiny_mlx_dir, dataset, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("black casual shoes\n\nblue sneakers on white\n")
-    assert run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", tmp_path,
+    assert run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
+                     tmp_path,
                      "--max_train_steps", 5, "--validation_steps", 2, "--validation_prompts", prompts,
                      "--num_validation_images", 2, "--validation_inference_steps", 2, "--resolution", 128,
                      "--train_batch_size", 2, "--lr_warmup_steps", 0, "--seed", 1) == 0
@@ -219,6 +226,7 @@ def test_check_command(tiny_mlx_dir, dataset, tmp_path):
                               "--output_dir", tmp_path / "o2"), capture_output=True, text=True)
     assert bad.returncode != 0 and "no usable images" in bad.stderr and "gone.png: file not found" in bad.stderr
     missing = subprocess.run(_cmd("--check", "--pretrained_model_name_or_path", tmp_path / "no-such-model",
-                                  "--train_data_dir", dataset, "--output_dir", tmp_path / "o3"), capture_output=True, text=True)
+                                  "--train_data_dir", dataset, "--output_dir", tmp_path / "o3"),
+                             capture_output=True, text=True)
     assert missing.returncode != 0 and "no-such-model" in missing.stderr
     assert "Traceback" not in bad.stderr + missing.stderr

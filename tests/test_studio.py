@@ -260,7 +260,8 @@ def test_sources_from_run_and_generate_folders(folders, tmp_path):
     for k, prompt in enumerate(PROMPTS):
         Image.new("RGB", (16, 16)).save(photos / "images" / f"real{k}.jpg")
     (photos / "images" / "captions.json").write_text(json.dumps(
-        [{"file_name": f"real{k}.jpg", "text": p} for k, p in enumerate(PROMPTS)] + [{"file_name": "gone.png", "text": "x"}]))
+        [{"file_name": f"real{k}.jpg", "text": p} for k, p in enumerate(PROMPTS)] + [{"file_name": "gone.png",
+                                                                                      "text": "x"}]))
     cat = Catalog(open_roots([photos, folders[2]]))
     real, lora = cat.sources()
     assert [(i.rel, i.seed) for i in real.items] == [("images/real0.jpg", None), ("images/real1.jpg", None)]
@@ -355,7 +356,8 @@ def test_server_rejects_bad_votes_and_stores_nothing(studio, tmp_path):
     assert {vote["left"], vote["right"]} == {"base", "lora"}
     status, data = studio.request("GET", "/api/ab/votes.csv")
     exported = list(csv.DictReader(io.StringIO(data.decode())))
-    assert status == 200 and len(exported) == 1 and exported[0]["rater"] == "t" and exported[0]["pair_id"] == nxt["pair"]
+    assert status == 200 and len(exported) == 1
+    assert exported[0]["rater"] == "t" and exported[0]["pair_id"] == nxt["pair"]
     rows = sqlite3.connect(tmp_path / "votes.sqlite").execute("SELECT source_a, source_b, shown, answer FROM votes")
     rows = rows.fetchall()
     assert len(rows) == 1

@@ -32,7 +32,7 @@ if not CHROMIUM:
         raise RuntimeError("no chromium on PATH: apt-get install chromium (or set STUDIO_CHROMIUM)")
     pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run does)", allow_module_level=True)
 
-from test_studio import PROMPTS, Studio, make_generated, make_run, metric_line
+from test_studio import PROMPTS, Studio, make_generated, make_run, metric_line  # noqa: E402
 
 TIMEOUT_MS = 20_000
 PIXEL_JS = """(id) => {
@@ -119,7 +119,8 @@ def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
     page.wait_for_selector(".strip img")
     imgs = page.locator(".strip img")
     assert imgs.count() == 3 * 2 * 2  # steps x prompts x images; the grid PNGs are not in the rows
-    page.wait_for_function("() => [...document.querySelectorAll('.strip img')].every(i => i.complete && i.naturalWidth)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.strip img')].every(i => i.complete && i.naturalWidth)")
     rows = page.evaluate("""() => [...document.querySelectorAll('.strip')].map(r =>
         [...r.querySelectorAll('img')].map(i => decodeURIComponent(i.getAttribute('src')).split('/').pop()))""")
     assert rows == [[f"epoch{s // 100:03d}_step{s:04d}_prompt{p}_img{i}.png" for s in (100, 200, 300)]
@@ -130,7 +131,8 @@ def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
 
     def shown():
         src = unquote(page.locator("#lightbox img").get_attribute("src"))
-        return src.split("/")[-1], page.evaluate(PIXEL_JS.replace('getElementById(id)', 'querySelector("#lightbox img")'),
+        return src.split("/")[-1], page.evaluate(PIXEL_JS.replace('getElementById(id)',
+                                                                  'querySelector("#lightbox img")'),
                                                   None)
 
     page.locator('.strip img[data-row="2"][data-col="0"]').click()  # prompt 1, image 0, first step
@@ -152,7 +154,8 @@ def test_timeline_shows_each_prompts_images_in_step_order(browser, setup):
     # A validation written while the page is open (training goes on) appears without a reload.
     for p in range(2):
         for i in range(2):
-            Image.new("RGB", (32, 32), (144, 40 * p, 60 * i)).save(run / "validation" / f"epoch004_step0400_prompt{p}_img{i}.png")
+            Image.new("RGB", (32, 32), (144, 40 * p,
+                                        60 * i)).save(run / "validation" / f"epoch004_step0400_prompt{p}_img{i}.png")
     page.wait_for_function("() => document.querySelectorAll('.strip img').length === 16")
     assert page.locator('.strip img[data-row="0"]').last.get_attribute("data-step") == "400"
     page.context.close()
@@ -203,7 +206,8 @@ def test_twenty_keyboard_votes_are_stored_ranked_and_survive_a_restart(browser, 
     assert [r[4] for r in rows] == [a for _, a in expected]
     assert [r[3] for r in rows] == ["BA" if side == "left" else "AB" for side, _ in expected]  # lora left = BA
     page.wait_for_selector('#results[data-votes="20"]', state="attached")
-    cells = page.evaluate("() => [...document.querySelectorAll('#pairs tr')].map(r => [...r.cells].map(c => c.innerText))")
+    cells = page.evaluate(
+        "() => [...document.querySelectorAll('#pairs tr')].map(r => [...r.cells].map(c => c.innerText))")
     answers = [a for _, a in expected]
     assert cells[1:] == [["base vs lora", "0", str(answers.count("B")), str(answers.count("tie")),
                           str(answers.count("both_bad"))]]

@@ -15,7 +15,8 @@ from mlx_sd.prompts import TemplateError, balanced_choices, expand, parse
 
 SHOES = """# the issue's example
 color = black | brown | white | blue
-a professional product photo of {color} {leather|canvas|suede} casual shoes, {side view|three-quarter view|top view}, white background
+a professional product photo of {color} {leather|canvas|suede} casual shoes, \
+{side view|three-quarter view|top view}, white background
 """
 COLORS = ("black", "brown", "white", "blue")
 MATERIALS = ("leather", "canvas", "suede")

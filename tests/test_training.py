@@ -124,7 +124,8 @@ def test_train_learns_and_exports(tiny_mlx_dir, tmp_path):
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     print(f"mean loss first 20 steps {first:.4f}, last 20 {last:.4f}, ratio {last / first:.3f}")
     assert last < 0.7 * first
-    for f in ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+    for f in ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors",
+              "lora_kohya.safetensors"):
         assert (out / "lora_weights" / f).exists()
     assert (logs / "loss_curve.png").exists() and (logs / "config.json").exists()
     assert (out / "checkpoints" / "checkpoint-200").is_dir()
@@ -218,7 +219,8 @@ def test_caption_layouts(tmp_path, layout):
     caps = json.loads((data / "captions.json").read_text())
     (data / "captions.json").unlink()
     if layout == "list":
-        recs = [{"image" if i % 2 else "file_name": f, "caption" if i % 2 else "text": c} for i, (f, c) in enumerate(caps.items())]
+        recs = [{"image" if i % 2 else "file_name": f, "caption" if i % 2 else "text": c}
+                for i, (f, c) in enumerate(caps.items())]
         (data / "captions.json").write_text(json.dumps(recs))
     else:
         lines = [json.dumps({"file_name": f, "text": c}) for f, c in caps.items()]
@@ -230,7 +232,8 @@ def test_caption_layouts(tmp_path, layout):
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for flag in ("--pretrained_model_name_or_path", "--train_data_dir", "--output_dir", "--resolution",
                  "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps", "--num_train_epochs",
                  "--learning_rate", "--lr_scheduler", "--lr_warmup_steps", "--lora_rank", "--lora_alpha",
@@ -248,7 +251,8 @@ def test_config_file_and_cli_override(tmp_path):
     assert args.learning_rate == 5e-5 and args.lora_rank == 4
     shipped = train.parse_args(["--config", str(ROOT / "configs" / "training_config.json"), "--train_data_dir", "x"])
     assert (shipped.train_batch_size, shipped.gradient_accumulation_steps, shipped.max_train_steps) == (2, 8, 3000)
-    assert (shipped.lora_rank, shipped.lora_alpha, shipped.lr_scheduler, shipped.lr_warmup_steps) == (8, 16, "cosine", 500)
+    assert (shipped.lora_rank, shipped.lora_alpha, shipped.lr_scheduler, shipped.lr_warmup_steps) == (8, 16, "cosine",
+                                                                                                      500)
     cfg.write_text(json.dumps({"learning_rte": 1}))
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(cfg), "--train_data_dir", "x"])

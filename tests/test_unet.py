@@ -219,4 +219,5 @@ def test_checkpointing_keeps_large_self_attention_out_of_the_recompute(tiny_pair
     for (q, k), n in once.items():
         kept = q == k and q >= unet.attention_chunk
         expected = n if kept else 2 * n
-        assert counts[True][(q, k)] == expected, f"attention {q}x{k} ran {counts[True][(q, k)]} times, expected {expected}"
+        assert counts[True][(q,
+                             k)] == expected, f"attention {q}x{k} ran {counts[True][(q, k)]} times, expected {expected}"

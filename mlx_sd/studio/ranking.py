@@ -25,7 +25,8 @@ ELO_SCALE = 400 / math.log(10)
 ELO_INIT = 1000.0
 
 
-def win_matrix(n: int, a: np.ndarray, b: np.ndarray, outcome: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+def win_matrix(n: int, a: np.ndarray, b: np.ndarray, outcome: np.ndarray,
+               weight: np.ndarray | None = None) -> np.ndarray:
     """W[i, j] = wins of i over j, a tie adding one to both W[i, j] and W[j, i].
 
     outcome per battle: 0 = a won, 1 = b won, 2 = tie (or both bad).

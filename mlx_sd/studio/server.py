@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlx-sd-studio", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("folders", nargs="+", metavar="RUN_DIR",
-                    help="train.py --output_dir folders (or a folder of them), or folders of images with a captions.json")
+                    help="train.py --output_dir folders (or a folder of them), "
+                         "or folders of images with a captions.json")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind; any other than 127.0.0.1/localhost requires the printed token")
     ap.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")

@@ -56,7 +56,8 @@ def open_roots(folders: list[str | Path]) -> list[Root]:
     for folder in folders:
         p = Path(folder).expanduser()
         if not p.is_dir():
-            raise StudioError(f"{folder}: folder not found (give a train.py --output_dir or a folder with captions.json)")
+            raise StudioError(f"{folder}: folder not found "
+                              "(give a train.py --output_dir or a folder with captions.json)")
         p = p.resolve()
         is_run, has_captions = _kind(p)
         if is_run or has_captions:
