@@ -311,7 +311,8 @@ class StableDiffusion:
                height: int = 512, width: int = 512, overlap: bool = True, **sampler_opts) -> Iterator[np.ndarray]:
         """Bulk generation: for each `(prompts, seeds)` batch, in order, its images as uint8 `[b, H, W, 3]`.
 
-        Each image equals `generate(prompt, seed=seed, ...)`'s. With `overlap`, a batch's VAE decode
+        Each image is the one `generate(prompt, seed=seed, ...)` makes in a batch of the same size
+        (batch size changes only float rounding, at most 1 level of uint8 here). With `overlap`, a batch's VAE decode
         runs on a second stream while the next batch is sampled, so each batch is yielded once the
         next one is sampled (or the input ends); an empty batch yields an empty array in its place.
         On Ctrl-C during sampling the finished batch still waiting is yielded before the interrupt
