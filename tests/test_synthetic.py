@@ -119,21 +119,25 @@ def test_half_validation_copy_leaves_training_weights(sd32):
 
     unet = UNet2DConditionModel(sd32.unet.config)
     unet.update(sd32.unet.parameters())
+    mx.random.seed(0)
     inject_lora(unet, LoRAConfig(r=4, alpha=4.0))
     rng = np.random.default_rng(0)
     for layer in lora_layers(unet).values():
         layer.lora_B.weight = mx.array(rng.standard_normal(layer.lora_B.weight.shape).astype(np.float32) * 0.1)
     before = {k: np.array(v) for k, v in tree_flatten(unet.parameters())}
-    copy = sampling_copy(unet, as_dtype("float16"))
-    assert {v.dtype for _, v in tree_flatten(copy.parameters())} == {mx.float16}
     x = mx.array(rng.standard_normal((1, 8, 8, 4)).astype(np.float32))
     ctx = mx.array(rng.standard_normal((1, 77, 32)).astype(np.float32))
     t = mx.array([500.0])
     want = unet(x, t, ctx)
-    got = copy(x, t, ctx).astype(mx.float32)
-    base = sd32.unet(x, t, ctx)
-    print(f"fused float16 copy vs training UNet: rel_err {rel_err(got, want):.2e}")
-    assert rel_err(got, want) <= 1e-2 and rel_err(base, want) > 5e-2  # the adapters act, in the copy too
+    # The fusion itself, in float32: the same function as LoRA on top of the base.
+    fused32 = sampling_copy(unet, as_dtype("float32"))
+    assert rel_err(fused32(x, t, ctx), want) <= 1e-4  # float32 rounding of (W + BA) x vs W x + B A x
+    assert rel_err(sd32.unet(x, t, ctx), want) > 5e-2  # the adapters do act
+    copy = sampling_copy(unet, as_dtype("float16"))
+    assert {v.dtype for _, v in tree_flatten(copy.parameters())} == {mx.float16}
+    err = rel_err(copy(x, t, ctx).astype(mx.float32), want)
+    print(f"fused float16 copy vs training UNet (one UNet call): rel_err {err:.2e}")
+    assert err <= 1e-1  # float16 over one tiny random UNet call: 4e-3 to 3e-2 measured
     after = {k: np.array(v) for k, v in tree_flatten(unet.parameters())}
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
 
