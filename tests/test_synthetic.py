@@ -1,9 +1,10 @@
 """Half-precision sampling, bulk streaming and validation in a low dtype.
 
 float16 / bfloat16 sampling is compared with float32 on the same weights, prompt and seed: the
-final latents' relative error (`rel_err`) and the decoded images' PSNR (images in [0, 1]). The
-bounds are about 3x the errors measured here (printed with -s), so a regression that upcasts
-nothing or breaks the float32 scheduler arithmetic fails them.
+final latents' relative error (`rel_err`) and the decoded images' PSNR (images in [0, 1]). Measured
+on the tiny fixture at 64 px, 6 PNDM steps, CFG 7.5 (printed with -s): float16 9.2e-3 and 58.0 dB,
+bfloat16 3.2e-2 and 43.8 dB; the bounds leave about 3x (13 dB) of room, so a regression that
+rounds the scheduler's arithmetic or the decode to half precision fails them.
 """
 
 import math
@@ -20,7 +21,7 @@ from mlx_sd.pipeline import StableDiffusion, as_dtype
 PROMPT = "a photo of black casual shoes on white background"
 KW = {"negative_prompt": "blue leather", "steps": 6, "guidance_scale": 7.5, "sampler": "pndm", "seed": 3}
 # Bound on the final latents' relative error, and on the images' PSNR (dB), per dtype.
-BOUNDS = {"float16": (2e-2, 35.0), "bfloat16": (1.5e-1, 20.0)}
+BOUNDS = {"float16": (3e-2, 45.0), "bfloat16": (1e-1, 30.0)}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
