@@ -14,8 +14,6 @@ Macs"); each rank trains on its share of every global batch and rank 0 writes th
 
 from __future__ import annotations
 
-import mlx_sd  # noqa: F401  (first: puts a fast BLAS under MLX on Linux)
-
 import argparse
 import json
 import logging
@@ -28,12 +26,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+import mlx_sd  # noqa: F401  (first: puts a fast BLAS under MLX on Linux)
 from convert.model import resolve_model
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
 from mlx_sd import blas, device, distributed, memory
-from mlx_sd.cli import HelpFormatter, number
 from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
+from mlx_sd.cli import HelpFormatter, number
 from mlx_sd.config import ConfigError
 from mlx_sd.data import BatchPlan, DataError, dataset_fingerprint, load_or_encode, scan
 from mlx_sd.errors import MlxSdError
@@ -137,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--validation_sampler", default="dpm++2m", choices=SAMPLERS, help="sampler for validation images")
     g.add_argument("--validation_guidance_scale", type=number(float, min=0), default=7.5,
                    help="classifier-free guidance for validation")
+    g.add_argument("--validation_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision of validation sampling (a half dtype samples with a fused copy of the UNet)")
     g.add_argument("--no_validation", action="store_true", help="render no validation images")
     g.add_argument("--validation_split", type=number(float, min=0), default=0.0,
                    help="fraction of the images kept out of training; their loss at fixed timesteps and noise "
@@ -377,7 +378,8 @@ def validator(args, run: Run, inputs: Inputs, unet, metrics=None):
         if render:
             run_validation(inputs.folder, unet, inputs.tokenizer, prompts, run.out / "validation", epoch, step,
                            args.num_validation_images, args.validation_inference_steps, args.validation_sampler,
-                           args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress)
+                           args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress,
+                           dtype=args.validation_dtype)
 
     return validate
 

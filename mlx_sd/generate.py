@@ -4,9 +4,20 @@
         --prompts_file prompts.txt --num_images_per_prompt 4 --output_dir synthetic
 
 The output folder is a training set as `train.py` reads it: `images/prompt{p:05d}_img{i:03d}.png`
-and `captions.json` (`{"file.png": "prompt"}`). Image i of prompt p uses the seed derived from
-(--seed, p, i) (`image_seed`, stored in each PNG's "parameters" text), so any image can be made
-again alone, and the result does not depend on --batch_size.
+and `captions.json` (a list of `{"file_name", "text", "seed"}` records). Image i of prompt p uses
+the seed derived from (--seed, p, i) (`image_seed`, also stored in each PNG's "parameters" text), so
+any image can be made again alone, and the result does not depend on --batch_size.
+
+Prompts come from --prompt, --prompts_file and --template files (`mlx_sd.prompts`: alternatives
+and slots expanded to all combinations, or to --num_prompts balanced ones in a --seed order).
+--dtype float16/bfloat16 samples in half precision (`mlx_sd.pipeline`). Images/min is shown in the
+progress bar and at the end; a batch's VAE decode overlaps the next batch's sampling.
+
+Several Macs: the same command under `mlx.launch` splits each global batch of --batch_size x ranks
+images between the ranks; an image's seed is the one it has in one process, so the images are the
+same. Rank 0 reads the output folder, says which images are left, receives every rank's images and
+writes all files; the other ranks need no output folder. A run that loses a rank stops with the
+finished images kept, and the same command resumes it.
 
 Resuming: a PNG counts as done once it exists (written to a temp file, then renamed), and
 captions.json is rewritten atomically after every batch. Re-running the same command skips
@@ -19,14 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
+from .cli import HelpFormatter, number
 from .errors import MlxSdError
 from .io import is_repo_id, write_text
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, save_png
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, save_png
 from .schedulers import SAMPLERS
 
 SETTINGS_FILE = "generation.json"
@@ -65,7 +79,8 @@ def plan(prompts: list[str], num_images_per_prompt: int, seed: int) -> list[Job]
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+def read_prompts(prompts: list[str], prompts_file: str | None, templates: list[str] | None = None,
+                 num_prompts: int | None = None, seed: int = 0) -> list[str]:
     out = list(prompts or [])
     if prompts_file:
         path = Path(prompts_file).expanduser()
@@ -91,8 +106,14 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
         if not file_prompts:
             raise GenerateError(f"--prompts_file {path}: no prompts in it")
         out += file_prompts
+    if templates:
+        from .prompts import expand, read_templates
+
+        out += expand([t for f in templates for t in read_templates(f)], num_prompts, seed)
+    elif num_prompts is not None:
+        raise GenerateError("--num_prompts applies to --template prompts; give a --template file")
     if not out:
-        raise GenerateError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE")
+        raise GenerateError("no prompts: give --prompt TEXT (repeatable), --prompts_file FILE or --template FILE")
     for i, p in enumerate(out):
         if not p.strip():
             raise GenerateError(f"prompt {i} is empty (captions must not be)")
@@ -113,7 +134,8 @@ def parse_lora(spec: str) -> tuple[Path, float]:
         raise GenerateError(f"--lora {spec!r}: no adapter path")
     p = Path(path).expanduser()
     if not p.exists():
-        raise GenerateError(f"--lora {spec!r}: adapter {p} not found (a PEFT folder, or a diffusers/kohya .safetensors file)")
+        raise GenerateError(f"--lora {spec!r}: adapter {p} not found "
+                            "(a PEFT folder, or a diffusers/kohya .safetensors file)")
     return p, scale
 
 
@@ -129,24 +151,32 @@ def _check_model_arg(model: str) -> None:
 # ----------------------------------------------------------------------------- output folder
 
 
-
-def _read_captions(out: Path) -> dict[str, str]:
+def _read_captions(out: Path) -> dict[str, dict]:
+    """{file: record} from captions.json: records as written here, or an older {file: prompt} mapping."""
     path = out / CAPTIONS_FILE
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run (it is rebuilt from the images)") from None
-    if not isinstance(data, dict):
-        raise GenerateError(f"{path}: expected a mapping {{file: caption}}; is {out} another dataset?")
-    return data
+        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run "
+                            "(it is rebuilt from the images)") from None
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        return {k: {"file_name": k, "text": v} for k, v in data.items()}
+    if isinstance(data, list) and all(isinstance(r, dict) and isinstance(r.get("file_name"), str)
+                                      and isinstance(r.get("text"), str) for r in data):
+        return {r["file_name"]: r for r in data}
+    raise GenerateError(f"{path}: expected a list of {{file_name, text, seed}} records; is {out} another dataset?")
 
 
-def write_captions(out: Path, images: Path, captions: dict[str, str]) -> None:
+def record(job: Job) -> dict:
+    return {"file_name": job.name, "text": job.prompt, "seed": job.seed}
+
+
+def write_captions(out: Path, images: Path, captions: dict[str, dict]) -> None:
     """captions.json for every listed file that exists, sorted by name (prompt-major)."""
-    present = {k: v for k, v in captions.items() if (images / k).is_file()}
-    write_text(out / CAPTIONS_FILE, json.dumps(dict(sorted(present.items())), indent=1, ensure_ascii=False) + "\n")
+    present = [captions[k] for k in sorted(captions) if (images / k).is_file()]
+    write_text(out / CAPTIONS_FILE, json.dumps(present, indent=1, ensure_ascii=False) + "\n")
 
 
 def _settings(args, loras: list[tuple[Path, float]]) -> dict:
@@ -161,26 +191,32 @@ def _settings(args, loras: list[tuple[Path, float]]) -> dict:
         "seed": args.seed,
         "height": args.height,
         "width": args.width,
+        "dtype": args.dtype,
     }
+
+
+_ADDED = {"dtype": "float32"}  # settings added later, with the value older folders were made with
 
 
 def _check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.exists() and any((out / "images").glob("*.png")):
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        diff = [f"{k}: {old.get(k, _ADDED.get(k))!r} -> {v!r}" for k, v in settings.items()
+                if old.get(k, _ADDED.get(k)) != v]
         if diff:
             raise GenerateError(
                 f"{out} holds images made with other settings:\n  " + "\n  ".join(diff)
                 + "\nRe-run with the old settings to resume, or use another --output_dir.")
 
 
-def _check_prompts(out: Path, existing: dict[str, str], jobs: list[Job]) -> None:
-    wrong = [f"{j.name}: {existing[j.name]!r} (now {j.prompt!r})"
-             for j in jobs if j.name in existing and existing[j.name] != j.prompt]
+def _check_prompts(out: Path, existing: dict[str, dict], jobs: list[Job]) -> None:
+    wrong = [f"{j.name}: {existing[j.name]['text']!r} (now {j.prompt!r})"
+             for j in jobs if j.name in existing and existing[j.name]["text"] != j.prompt]
     if wrong:
         raise GenerateError(f"{out}: {len(wrong)} existing image(s) were made from other prompts, e.g.\n  "
-                            + "\n  ".join(wrong[:5]) + "\nUse the same prompts (same order) to resume, or another --output_dir.")
+                            + "\n  ".join(wrong[:5]) + "\nUse the same prompts (same order) to resume, "
+                            "or another --output_dir.")
 
 
 def _parameters(job: Job, args) -> str:
@@ -188,7 +224,44 @@ def _parameters(job: Job, args) -> str:
     return (f"{job.prompt}\nNegative prompt: {args.negative_prompt}\n"
             f"Steps: {args.steps}, Sampler: {args.sampler}, CFG scale: {args.guidance_scale}, "
             f"Seed: {job.seed}, Size: {args.width}x{args.height}, Model: {args.model}"
+            + (f", Dtype: {args.dtype}" if args.dtype != "float32" else "")
             + "".join(f", Lora: {spec}" for spec in args.lora))
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+
+def _agree(world: distributed.World, error: MlxSdError | None) -> None:
+    """Every rank stops if any rank refused; the refusing rank raises its own message."""
+    if world.any(error is not None):
+        raise error or GenerateError("another rank refused the run (its message above says why)")
+
+
+def _check_same_command(world: distributed.World, settings: dict, jobs: list[Job]) -> None:
+    if world.size == 1:
+        return
+    import mlx.core as mx
+    import numpy as np
+
+    mine = distributed.digest(json.dumps(settings, sort_keys=True), *(f"{j.name}\0{j.prompt}" for j in jobs))
+    local = mx.array(np.frombuffer(mine, np.uint32).copy())
+    if world.any(not np.array_equal(np.array(world.broadcast({"d": local})["d"]), np.array(local))):
+        raise distributed.DistributedError(
+            "the ranks are not running the same generate command: settings, prompts or templates differ "
+            "(a file may differ between the Macs); every rank must run the same command with the same files")
+
+
+def _gather(world: distributed.World, images, per_rank: list[int]):
+    """Every rank's uint8 images [b_r, H, W, 3] -> all of them in rank order (meaningful on rank 0)."""
+    if world.size == 1:
+        return images
+    import mlx.core as mx
+    import numpy as np
+
+    b = max(per_rank)
+    pad = np.zeros((b - len(images), *images.shape[1:]), np.uint8)
+    allr = np.array(mx.distributed.all_gather(mx.array(np.concatenate([images, pad])), group=world.group))
+    return np.concatenate([allr[r * b:r * b + n] for r, n in enumerate(per_rank)])
 
 
 # ----------------------------------------------------------------------------- main
@@ -196,66 +269,60 @@ def _parameters(job: Job, args) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlx-sd-generate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     g = ap.add_argument_group("model")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="converted MLX folder, diffusers folder or Hub repo id (converted once into the cache)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter (PEFT folder or diffusers/kohya .safetensors), fused at SCALE; repeat to stack")
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision of the text encoder, UNet and VAE (the sampler's arithmetic stays float32)")
     g = ap.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     g.add_argument("--prompts_file", help=".txt with one prompt per line, or a .json list of strings")
+    g.add_argument("--template", action="append", default=[], metavar="FILE",
+                   help="prompt template file: lines with {a|b} alternatives and {name} slots (NAME = a | b)")
+    g.add_argument("--num_prompts", type=number(int, min=1), default=None,
+                   help="prompts drawn from the templates, balanced, in a --seed order (default: all combinations)")
     g.add_argument("--negative_prompt", default="", help="negative prompt for every image")
-    g.add_argument("--num_images_per_prompt", type=int, default=1, help="images made from each prompt")
+    g.add_argument("--num_images_per_prompt", type=number(int, min=1), default=1, help="images made from each prompt")
     g = ap.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
+    g.add_argument("--steps", type=number(int, min=1), default=DEFAULT_STEPS, help="sampler steps")
     g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (<= 1 turns guidance off)")
     g.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sampler (pndm is SD1.5's own)")
-    g.add_argument("--seed", type=int, default=0, help="run seed; each image's seed is derived from it and its place")
-    g.add_argument("--height", type=int, default=512, help="image height in pixels (multiple of 64 for SD1.5)")
-    g.add_argument("--width", type=int, default=512, help="image width in pixels (multiple of 64 for SD1.5)")
-    g.add_argument("--batch_size", type=int, default=1, help="images per batch (does not change the images)")
+    g.add_argument("--seed", type=number(int, min=0), default=0,
+                   help="run seed; each image's seed is derived from it and its place")
+    g.add_argument("--height", type=number(int, min=1), default=512,
+                   help="image height in pixels (multiple of 64 for SD1.5)")
+    g.add_argument("--width", type=number(int, min=1), default=512,
+                   help="image width in pixels (multiple of 64 for SD1.5)")
+    g.add_argument("--batch_size", type=number(int, min=1), default=1,
+                   help="images per batch and rank (does not change the images)")
     g = ap.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="folder for images/ and captions.json (a training set)")
     return ap
 
 
-def run(args) -> int:
-    prompts = read_prompts(args.prompt, args.prompts_file)
-    loras = [parse_lora(s) for s in args.lora]
-    for name in ("num_images_per_prompt", "steps", "batch_size", "height", "width"):
-        if getattr(args, name) < 1:
-            raise GenerateError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise GenerateError(f"--seed must be >= 0, got {args.seed}")
-    _check_model_arg(args.model)
-
-    # Everything that can be refused is checked before the output folder is touched.
-    out = Path(args.output_dir).expanduser()
+def _prepare(args, out: Path, jobs: list[Job], settings: dict) -> tuple[dict[str, dict], set[str]]:
+    """Rank 0: check the output folder; returns (captions records, names already done)."""
     if out.exists() and not out.is_dir() or (out / "images").exists() and not (out / "images").is_dir():
         raise GenerateError(f"--output_dir {out}: a file is in the way; the output must be a folder path")
     images = out / "images"
-    jobs = plan(prompts, args.num_images_per_prompt, args.seed)
     existing = _read_captions(out)
     _check_prompts(out, existing, jobs)
-    settings = _settings(args, loras)
     _check_settings(out, settings)
-    captions = dict(existing)
     done = {j.name for j in jobs if (images / j.name).is_file()}
-    captions.update({j.name: j.prompt for j in jobs if j.name in done})
-    todo = [j for j in jobs if j.name not in done]
-    if not todo:
-        write_captions(out, images, captions)  # rebuilds a lost or stale captions.json
-        print(f"all {len(jobs)} images already in {images}; nothing to do")
-        return 0
+    captions = dict(existing)
+    captions.update({j.name: record(j) for j in jobs if j.name in done})
+    return captions, done
 
-    from tqdm import tqdm
 
+def _load(args, loras):
     from .pipeline import StableDiffusion
 
     try:
-        sd = StableDiffusion.from_folder(args.model)
+        sd = StableDiffusion.from_folder(args.model, dtype=args.dtype)
     except MlxSdError as e:
         raise GenerateError(f"--model {args.model}: {e}") from None
     try:
@@ -267,50 +334,155 @@ def run(args) -> int:
             sd.add_adapter(path, scale)
         except MlxSdError as e:
             raise GenerateError(f"--lora: {e}") from None
+    return sd
 
-    images.mkdir(parents=True, exist_ok=True)
-    for stale in [*images.glob(".*.tmp-*"), *out.glob(".*.tmp-*")]:  # left by a killed run
-        stale.unlink(missing_ok=True)
-    # Written once the model and adapters load, so a typo in --model does not pin the folder.
-    write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
-    write_captions(out, images, captions)
-    if done:
-        print(f"resuming: {len(done)} of {len(jobs)} images already in {images}")
-    # rate_noinv: always images/s (tqdm would flip to s/img below 1 img/s).
-    bar = tqdm(total=len(jobs), initial=len(done), unit="img", desc="generating", dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
-    made, t0 = 0, time.perf_counter()
+
+def run(args, world: distributed.World | None = None) -> int:
+    world = world or distributed.World(None, 0, 1)
+    prompts = read_prompts(args.prompt, args.prompts_file, args.template, args.num_prompts, args.seed)
+    loras = [parse_lora(s) for s in args.lora]
+    _check_model_arg(args.model)
+    out = Path(args.output_dir).expanduser()
+    images = out / "images"
+    jobs = plan(prompts, args.num_images_per_prompt, args.seed)
+    settings = _settings(args, loras)
+    _check_same_command(world, settings, jobs)
+
+    # Everything that can be refused is checked before the output folder is touched.
+    captions, done, error = {}, set(), None
+    if world.main:
+        try:
+            captions, done = _prepare(args, out, jobs, settings)
+        except MlxSdError as e:
+            error = e
+    _agree(world, error)
+    if world.size > 1:  # rank 0's folder decides what is left
+        import mlx.core as mx
+
+        flags = mx.array([int(j.name in done) for j in jobs], mx.int32)
+        done = {j.name for j, f in zip(jobs, world.broadcast({"f": flags})["f"].tolist()) if f}
+    todo = [j for j in jobs if j.name not in done]
+    if not todo:
+        if world.main:
+            write_captions(out, images, captions)  # rebuilds a lost or stale captions.json
+            print(f"all {len(jobs)} images already in {images}; nothing to do")
+        return 0
+
+    sd, error = None, None
     try:
-        for s in range(0, len(todo), args.batch_size):
-            batch = todo[s : s + args.batch_size]
-            pil = sd.generate([j.prompt for j in batch], negative_prompt=args.negative_prompt, steps=args.steps,
-                              guidance_scale=args.guidance_scale, sampler=args.sampler,
-                              seed=[j.seed for j in batch], height=args.height, width=args.width)
-            for job, im in zip(batch, pil):
-                save_png(im, images / job.name, _parameters(job, args))
-                captions[job.name] = job.prompt
-                made += 1
-            write_captions(out, images, captions)
-            bar.update(len(batch))
+        sd = _load(args, loras)
+    except MlxSdError as e:
+        error = e
+    _agree(world, error)
+    if world.main:
+        images.mkdir(parents=True, exist_ok=True)
+        for stale in [*images.glob(".*.tmp-*"), *out.glob(".*.tmp-*")]:  # left by a killed run
+            stale.unlink(missing_ok=True)
+        # Written once the model and adapters load, so a typo in --model does not pin the folder.
+        write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        write_captions(out, images, captions)
+        if done:
+            print(f"resuming: {len(done)} of {len(jobs)} images already in {images}")
+        if world.size > 1:
+            print(f"{world.size} ranks: {len(todo)} images in global batches of {args.batch_size} x {world.size}")
+    return _make(args, world, sd, jobs, todo, captions, out)
+
+
+def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out: Path) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    images = out / "images"
+    bs, gbs = args.batch_size, args.batch_size * world.size
+    batches = [todo[s:s + gbs] for s in range(0, len(todo), gbs)]
+    mine = [gb[world.rank * bs:(world.rank + 1) * bs] for gb in batches]
+    stream = sd.stream((([j.prompt for j in b], [j.seed for j in b]) for b in mine),
+                       negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                       sampler=args.sampler, height=args.height, width=args.width)
+    first = len(jobs) - len(todo)
+    # rate: images/min (tqdm's own rate would flip to s/img below 1 img/s).
+    bar = tqdm(total=len(jobs), initial=first, unit="img", desc="generating", dynamic_ncols=True,
+               disable=not world.main, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    made, t0 = 0, time.perf_counter()
+    stop = _StopOnSigterm()
+    try:
+        for gb, local in zip(batches, stream):
+            if stop.asked:  # a batch finished before the stop: keep this rank's images, no more collectives
+                gb, pixels = gb[world.rank * bs:(world.rank + 1) * bs], local
+            else:
+                pixels = _gather(world, local, [len(gb[r * bs:(r + 1) * bs]) for r in range(world.size)])
+            if world.main:
+                for job, px in zip(gb, pixels):
+                    save_png(Image.fromarray(px), images / job.name, _parameters(job, args))
+                    captions[job.name] = record(job)
+                write_captions(out, images, captions)
+            made += len(gb)
+            bar.set_postfix_str(f"{60 * made / (time.perf_counter() - t0):.2f} img/min", refresh=False)
+            bar.update(len(gb))
     except KeyboardInterrupt:
         bar.close()
-        write_captions(out, images, captions)
-        print(f"\ninterrupted: {len(done) + made} of {len(jobs)} images are in {images}.\n"
-              "Re-run the same command to resume; finished images are kept and skipped.", file=sys.stderr)
-        return 130
+        if world.main:
+            write_captions(out, images, captions)
+            done = sum((images / j.name).is_file() for j in jobs)
+            why = "interrupted"
+            if stop.sigterm:
+                why = f"{world.tag}stopped (SIGTERM)" + (
+                    "; under mlx.launch this means another rank failed or was killed (its [WARN] line names it)"
+                    if world.size > 1 else "")
+            print(f"\n{why}: {done} of {len(jobs)} images are in {images}.\n"
+                  "Re-run the same command to resume; finished images are kept and skipped.", file=sys.stderr)
+        return 143 if stop.sigterm else 130
+    except RuntimeError as e:
+        why = world.lost(e)
+        if why is None:
+            raise
+        bar.close()
+        if world.main:
+            write_captions(out, images, captions)
+        print(f"{world.tag}error: {why}\n{first + made} of {len(jobs)} images are in {images}; "
+              "re-run the same command to make the rest.", file=sys.stderr)
+        return 1
+    finally:
+        stop.restore()
     bar.close()
     dt = time.perf_counter() - t0
-    print(f"made {made} images in {dt:.1f} s ({made / dt:.2f} img/s); {len(jobs)} in {images}, "
-          f"captions in {out / CAPTIONS_FILE}")
+    if world.main:
+        print(f"made {made} images in {dt:.1f} s ({60 * made / dt:.2f} images/min); {len(jobs)} in {images}, "
+              f"captions in {out / CAPTIONS_FILE}")
     return 0
+
+
+class _StopOnSigterm:
+    """SIGTERM (mlx.launch stops the other ranks this way when one fails) stops like Ctrl-C."""
+
+    def __init__(self):
+        self.asked = self.sigterm = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        self.asked = True
+        self.sigterm |= signum == signal.SIGTERM
+        raise KeyboardInterrupt
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    world = distributed.init()
     try:
-        return run(args)
+        return run(args, world)
     except MlxSdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{world.tag}error: {e}", file=sys.stderr)
+        if world.size > 1 and isinstance(e, distributed.DistributedError):
+            world.barrier()  # every rank reports before any exits (mlx.launch stops the others)
         return 2
 
 

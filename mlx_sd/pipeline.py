@@ -13,6 +13,12 @@ replaces used for its validation images (`StableDiffusionPipeline` on the repo's
 defaults reproduce that script's pictures, not a new look. `dpm++2m_karras` at 20-25 steps is
 the usual faster choice.
 
+Precision: `dtype` float16 or bfloat16 casts the text encoder, UNet and VAE weights (and so their
+activations; GroupNorm and softmax statistics stay float32 inside MLX's fused kernels). The
+sampler's arithmetic (latents, sigmas, the CFG combination) stays float32, and the decoded image
+leaves as float32. An image whose half-precision decode is not finite (float16's range is
++-65504) is decoded again in float32, so no image comes out black.
+
 Seeds: every image has its own seed, hence its own initial noise (and its own noise for the
 stochastic samplers), so an image does not depend on what else is in the batch. `seed=s` gives
 image k (prompt-major) the seed `s + k`; a list gives one seed per image.
@@ -21,17 +27,17 @@ image k (prompt-major) the seed `s + k`; a list gives one seed per image.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import device
-from .config import SchedulerConfig
 from convert.model import resolve_model
 
+from . import device
+from .config import SchedulerConfig
 from .io import atomic_file
 from .model_folder import ModelFolder
 from .schedulers import SAMPLERS, make_sampler
@@ -39,6 +45,17 @@ from .schedulers import SAMPLERS, make_sampler
 DEFAULT_SAMPLER = "pndm"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+DTYPES = ("float32", "float16", "bfloat16")
+_TEXT_CACHE = 256  # text embeddings kept (SD1.5: 77 x 768 values each, 118-236 KB)
+
+
+def as_dtype(dtype) -> mx.Dtype:
+    """"float16" or mx.float16 -> mx.float16; one of DTYPES."""
+    if isinstance(dtype, mx.Dtype):
+        dtype = str(dtype).rsplit(".", 1)[-1]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return getattr(mx, dtype)
 
 
 def _as_list(x: str | Sequence[str]) -> list[str]:
@@ -71,7 +88,7 @@ class StableDiffusion:
     """
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config: SchedulerConfig | dict,
-                 compile: bool | None = None):
+                 compile: bool | None = None, dtype=None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.unet = unet
@@ -86,13 +103,29 @@ class StableDiffusion:
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
         self.latent_channels = unet.config.in_channels
+        self._text_cache: dict[str, mx.array] = {}
+        self._decode_stream = None
+        if dtype is not None:
+            self.set_dtype(dtype)
 
     @classmethod
-    def from_folder(cls, path: str | Path, compile: bool | None = None) -> StableDiffusion:
+    def from_folder(cls, path: str | Path, compile: bool | None = None, dtype=None) -> StableDiffusion:
         """Load from a converted folder; a diffusers folder or Hub id is converted once into the cache."""
         folder = ModelFolder(resolve_model(path))
         return cls(folder.tokenizer(), folder.text_encoder(), folder.unet(), folder.vae(),
-                   folder.scheduler_config(), compile=compile)
+                   folder.scheduler_config(), compile=compile, dtype=dtype)
+
+    def set_dtype(self, dtype) -> None:
+        """Cast the text encoder, UNet and VAE weights to `dtype` (float32, float16 or bfloat16), in place."""
+        dt = as_dtype(dtype)
+        for model in (self.text_encoder, self.unet, self.vae):
+            model.set_dtype(dt)
+        self._text_cache.clear()
+        self._denoise_fn = None
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self._unet_dtype
 
     # ------------------------------------------------------------------ adapters
 
@@ -131,11 +164,19 @@ class StableDiffusion:
         return cond, self._encode(neg)
 
     def _encode(self, texts: list[str]) -> mx.array:
-        # Encode each distinct text once (a bulk batch often repeats one prompt or one negative).
-        unique = list(dict.fromkeys(texts))
-        emb = self.text_encoder(mx.array(self.tokenizer(unique)))
-        index = {t: i for i, t in enumerate(unique)}
-        return emb[mx.array([index[t] for t in texts])]
+        # Each distinct text is encoded once, and kept for the next batches: a bulk run repeats its
+        # negative prompt in every batch, and a template's prompts in every image of a prompt.
+        got = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
+        new = [t for t in dict.fromkeys(texts) if t not in got]
+        if new:
+            emb = self.text_encoder(mx.array(self.tokenizer(new)))
+            mx.eval(emb)
+            for t, e in zip(new, emb):
+                got[t] = e
+                if len(self._text_cache) >= _TEXT_CACHE:
+                    self._text_cache.pop(next(iter(self._text_cache)))
+                self._text_cache[t] = e
+        return mx.stack([got[t] for t in texts])
 
     # ------------------------------------------------------------------ sampling
 
@@ -235,12 +276,16 @@ class StableDiffusion:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {want} (NHWC, one per image)")
         use_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompts, negative_prompt if use_cfg else None)
-        rep = lambda e: mx.repeat(e, num_images_per_prompt, axis=0)  # noqa: E731 (prompt-major)
+
+        def rep(e):  # prompt-major
+            return mx.repeat(e, num_images_per_prompt, axis=0)
+
         cond = rep(cond)
         uncond = rep(uncond) if use_cfg else None
 
         bs = n if not batch_size else int(batch_size)
         outs, lats = [], []
+        pending = None  # the previous batch's decode, running while this batch samples
         for s in range(0, n, bs):
             sl = slice(s, min(s + bs, n))
             ctx = mx.concatenate([uncond[sl], cond[sl]]) if use_cfg else cond[sl]
@@ -249,9 +294,11 @@ class StableDiffusion:
                              progress, sampler_opts)
             lats.append(z)
             if output_type != "latent":
-                x = self.vae.decode((z / self.vae.scaling_factor).astype(self._vae_dtype)).astype(mx.float32)
-                mx.eval(x)
-                outs.append(np.array(x))
+                if pending is not None:
+                    outs.append(self._decode_finish(*pending))
+                pending = (z, self._decode_start(z))
+        if pending is not None:
+            outs.append(self._decode_finish(*pending))
         z = mx.concatenate(lats) if len(lats) > 1 else lats[0]
         if output_type == "latent":
             images = z
@@ -259,6 +306,75 @@ class StableDiffusion:
             x = np.concatenate(outs)
             images = to_pil(x) if output_type == "pil" else np.clip(x / 2 + 0.5, 0.0, 1.0)
         return (images, z) if return_latents else images
+
+    def stream(self, batches: Iterable[tuple[Sequence[str], Sequence[int]]], negative_prompt: str = "",
+               steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
+               height: int = 512, width: int = 512, overlap: bool = True, **sampler_opts) -> Iterator[np.ndarray]:
+        """Bulk generation: for each `(prompts, seeds)` batch, in order, its images as uint8 `[b, H, W, 3]`.
+
+        Each image is the one `generate(prompt, seed=seed, ...)` makes in a batch of the same size
+        (batch size changes only float rounding, at most 1 level of uint8 here). With `overlap`, a batch's VAE decode
+        runs on a second stream while the next batch is sampled, so each batch is yielded once the
+        next one is sampled (or the input ends); an empty batch yields an empty array in its place.
+        On Ctrl-C during sampling the finished batch still waiting is yielded before the interrupt
+        is raised, so no finished image is lost.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        h, w = self.check_size(height, width)
+        use_cfg = guidance_scale > 1.0
+        queue: list = []  # batches sampled, not yet yielded: (z, decode in flight) or None (empty)
+
+        def finish(item) -> np.ndarray:
+            if item is None:
+                return np.zeros((0, height, width, 3), np.uint8)
+            return np.stack([np.asarray(im) for im in to_pil(self._decode_finish(*item))])
+
+        for prompts, seeds in batches:
+            prompts, seeds = list(prompts), list(seeds)
+            if not prompts:
+                queue.append(None)
+            else:
+                seeds = self._seeds(seeds, len(prompts))
+                try:
+                    cond, uncond = self.encode_prompt(prompts, negative_prompt if use_cfg else None)
+                    ctx = mx.concatenate([uncond, cond]) if use_cfg else cond
+                    z = self._sample(ctx, seeds, h, w, steps, guidance_scale, use_cfg, sampler, None, False,
+                                     sampler_opts)
+                except KeyboardInterrupt:
+                    for item in queue:
+                        yield finish(item)
+                    raise
+                queue.append((z, self._decode_start(z)))
+                if not overlap:
+                    yield finish(queue.pop(0))
+            while len(queue) > 1 or (queue and queue[0] is None):
+                yield finish(queue.pop(0))
+        while queue:
+            yield finish(queue.pop(0))
+
+    def _decode_start(self, z: mx.array) -> mx.array:
+        """Start decoding final latents on the decode stream; `_decode_finish` collects the result."""
+        if self._decode_stream is None:
+            self._decode_stream = mx.new_stream(mx.default_device())
+        with mx.stream(self._decode_stream):
+            x = self.vae.decode((z / self.vae.scaling_factor).astype(self._vae_dtype)).astype(mx.float32)
+        mx.async_eval(x)
+        return x
+
+    def _decode_finish(self, z: mx.array, x: mx.array) -> np.ndarray:
+        """The decoded images [b, H, W, 3] float32; any non-finite one is decoded again in float32."""
+        out = np.array(x)
+        bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
+        if bad.any() and self._vae_dtype != mx.float32:
+            half = self._vae_dtype
+            self.vae.set_dtype(mx.float32)  # exact: every half value is a float32 value
+            try:
+                redo = self.vae.decode(z[mx.array(np.nonzero(bad)[0])] / self.vae.scaling_factor)
+                out[bad] = np.array(redo.astype(mx.float32))
+            finally:
+                self.vae.set_dtype(half)
+        return out
 
     @property
     def _unet_dtype(self):

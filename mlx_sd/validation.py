@@ -2,8 +2,11 @@
 
 Files: `validation/epoch{e:03d}_step{s:04d}_prompt{p}_img{i}.png` (p, i from 0) and one
 `epoch{e:03d}_step{s:04d}_grid.png` per validation (a row per prompt). The text encoder and VAE
-are loaded for the validation and dropped afterwards; the UNet is the one being trained (LoRA
-unfused), so nothing is copied.
+are loaded for the validation and dropped afterwards, in `dtype`. With float32 or the training
+base's own dtype the UNet is the one being trained (LoRA unfused; a low-precision base samples in
+its own dtype), so nothing is copied; a half `dtype` over a float32 base samples with a copy in that
+dtype with the adapters fused (half the float32 UNet's memory, dropped afterwards), so training's
+weights are never rounded.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 from PIL import Image
 
 DEFAULT_PROMPTS = (
@@ -34,22 +38,48 @@ def grid(images: list[Image.Image], rows: int) -> Image.Image:
     return out
 
 
+def sampling_copy(unet, dtype: mx.Dtype):
+    """A plain UNet in `dtype` with every LoRA layer of `unet` fused; `unet` is left as it is."""
+    from lora.layers import lora_layers
+
+    from .unet import UNet2DConditionModel
+
+    layers = lora_layers(unet)
+    skip = tuple(p + "." for p in layers)
+    params = [(k, v.astype(dtype)) for k, v in tree_flatten(unet.parameters()) if not k.startswith(skip)]
+    for path, layer in layers.items():
+        fused = layer.fuse()  # in the base's dtype; cast once more below
+        params += [(f"{path}.{k}", v.astype(dtype)) for k, v in tree_flatten(fused.parameters())]
+    # The new model's random initial weights are lazy and replaced before anything evaluates them.
+    copy = UNet2DConditionModel(unet.config)
+    copy.update(tree_unflatten(params))
+    copy.attention_chunk = unet.attention_chunk
+    copy.eval()
+    return copy
+
+
 def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
                    num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
                    guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
-                   progress: bool = False) -> list[Path]:
-    from .pipeline import StableDiffusion, save_png
+                   progress: bool = False, dtype: str = "float32") -> list[Path]:
+    from .pipeline import StableDiffusion, as_dtype, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(), compile=False)
+    dt = as_dtype(dtype)
+    base = unet.conv_in.weight.dtype
+    sampling_unet = unet if dt in (base, mx.float32) else sampling_copy(unet, dt)
+    text_encoder, vae = folder.text_encoder(), folder.vae()
+    text_encoder.set_dtype(dt)
+    vae.set_dtype(dt)
+    pipe = StableDiffusion(tokenizer, text_encoder, sampling_unet, vae, folder.scheduler_config(), compile=False)
     # The same seed for image i of prompt p at every validation: changes come from training only.
     seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
     was_training = unet.training
     unet.eval()  # no LoRA dropout while sampling
     try:
-        images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps, guidance_scale=guidance_scale,
-                               sampler=sampler, seed=seeds, height=resolution, width=resolution,
-                               batch_size=min(4, len(seeds)), progress=progress)
+        images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps,
+                               guidance_scale=guidance_scale, sampler=sampler, seed=seeds, height=resolution,
+                               width=resolution, batch_size=min(4, len(seeds)), progress=progress)
     finally:
         unet.train(was_training)
     files = []
@@ -59,7 +89,7 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
         save_png(im, path)
         files.append(path)
     save_png(grid(images, rows=len(prompts)), out_dir / f"epoch{epoch:03d}_step{step:04d}_grid.png")
-    del pipe, images
+    del pipe, images, sampling_unet
     mx.clear_cache()  # sampling buffers go back before training resumes
     return files
 

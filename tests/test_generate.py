@@ -57,19 +57,23 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
     assert "Re-run the same command" in capsys.readouterr().err
     assert saves == names[:2]
     assert sorted(p.name for p in (out / "images").iterdir()) == names[:2]
-    assert json.loads((out / "captions.json").read_text()) == {names[0]: PROMPTS[0], names[1]: PROMPTS[0]}
+    assert json.loads((out / "captions.json").read_text()) == [
+        {"file_name": n, "text": PROMPTS[0], "seed": gen.image_seed(7, 0, i)} for i, n in enumerate(names[:2])]
     mtimes = {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]}
 
     # Second run: only the two missing images are made.
     monkeypatch.setattr(gen, "save_png", real_save)
     made = []
-    real_generate = StableDiffusion.generate
+    real_stream = StableDiffusion.stream
 
-    def counting(self, prompts, *a, **kw):
-        made.extend(prompts)
-        return real_generate(self, prompts, *a, **kw)
+    def counting(self, batches, *a, **kw):
+        def seen():
+            for prompts, seeds in batches:
+                made.extend(prompts)
+                yield prompts, seeds
+        return real_stream(self, seen(), *a, **kw)
 
-    monkeypatch.setattr(StableDiffusion, "generate", counting)
+    monkeypatch.setattr(StableDiffusion, "stream", counting)
     assert gen.main(cmd) == 0
     assert made == [PROMPTS[1], PROMPTS[1]]
     assert {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]} == mtimes
@@ -84,7 +88,7 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
     assert made == []
 
     # Any image can be made again alone from its derived seed.
-    monkeypatch.setattr(StableDiffusion, "generate", real_generate)
+    monkeypatch.setattr(StableDiffusion, "stream", real_stream)
     sd = StableDiffusion.from_folder(tiny_mlx_dir)
     again = sd.generate(PROMPTS[1], steps=2, height=64, width=64, seed=gen.image_seed(7, 1, 1))[0]
     with Image.open(images_dir / names[3]) as im:
@@ -101,7 +105,7 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_mlx_dir, tmp_path, c
     assert "other settings" in err and "steps: 2 -> 3" in err
     # Existing images made from other prompts are refused too.
     (out / "generation.json").unlink()
-    (out / "captions.json").write_text(json.dumps({gen.image_name(0, 0): "something else"}))
+    (out / "captions.json").write_text(json.dumps({gen.image_name(0, 0): "something else"}))  # the older format
     assert gen.main(args(tiny_mlx_dir, out, "--prompt", PROMPTS[0])) == 2
     assert "other prompts" in capsys.readouterr().err
 
