@@ -328,6 +328,9 @@ BRANCHES = {
     ("mlx_sd/memory.py", "if not device.on_metal():"): "test_metal_memory_and_wired_limit",
     ("mlx_sd/pipeline.py", "self.compile = device.compile_sampler() if compile is None else bool(compile)"):
         "test_gpu_sampler_compiles_same_image",
+    # Not a choice between devices: the decode's second stream lives on whichever device MLX runs on.
+    ("mlx_sd/pipeline.py", "self._decode_stream = mx.new_stream(mx.default_device())"):
+        "test_stream_makes_what_generate_makes",
     ("mlx_sd/blas.py", 'if sys.platform == "darwin":'): "test_blas_on_macos_and_other_platforms",
     ("mlx_sd/blas.py", 'if not sys.platform.startswith("linux"):'): "test_blas_on_macos_and_other_platforms",
     ("mlx_sd/blas.py", '_status = BlasStatus("reference", None, f"no fast path for {sys.platform}")'):
