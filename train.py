@@ -14,6 +14,8 @@ Macs"); each rank trains on its share of every global batch and rank 0 writes th
 
 from __future__ import annotations
 
+import mlx_sd  # noqa: F401, I001  (first: puts a fast BLAS under MLX on Linux)
+
 import argparse
 import json
 import logging
@@ -26,7 +28,6 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-import mlx_sd  # noqa: F401  (first: puts a fast BLAS under MLX on Linux)
 from convert.model import resolve_model
 from lora import DEFAULT_TARGETS, LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model

@@ -42,3 +42,19 @@ def test_late_import_is_reported():
     code = "import mlx.core, mlx_sd.blas as b; print(b.status().active, '|', b.status().reason)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("reference |") and "import mlx_sd first" in out
+
+
+def test_scripts_import_mlx_sd_before_mlx():
+    """The fast BLAS is put under MLX only if mlx_sd is imported before mlx.core (train.py runs as a script)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in (root / "train.py", *sorted((root / "benchmarks").glob("*.py"))):
+        names = [a.name if isinstance(n, ast.Import) else (n.module or "")
+                 for n in ast.parse(script.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))
+                 for a in (n.names if isinstance(n, ast.Import) else [n])]
+        first_mlx = next((i for i, m in enumerate(names) if m == "mlx" or m.startswith("mlx.")), None)
+        ours = next((i for i, m in enumerate(names) if m.split(".")[0] in ("mlx_sd", "lora", "convert")), None)
+        if first_mlx is not None:
+            assert ours is not None and ours < first_mlx, f"{script.name}: import mlx_sd before mlx"

