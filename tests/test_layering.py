@@ -26,6 +26,7 @@ LAYERS = {
     "mlx_sd.data": 2,
     "mlx_sd.training": 2,
     "mlx_sd.trainer": 2,
+    "mlx_sd.train_options": 2,
     "mlx_sd.run": 2,
     "mlx_sd.checkpoint": 2,
     "mlx_sd.distributed": 2,
