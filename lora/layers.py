@@ -3,7 +3,8 @@
 `y = W x + b + (alpha / r) * B(A(dropout(x)))` with A: (r, in), B: (out, r) as PEFT stores them
 (`lora_A.weight`, `lora_B.weight`). Attribute names follow PEFT (`base_layer`, `lora_A`,
 `lora_B`), so the parameter paths of an injected UNet are PEFT's paths with the adapter name
-dropped, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`.
+dropped, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`; in the
+CLIP text encoder (`text_encoder_predicate`), e.g. `text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from mlx.utils import tree_flatten
 from mlx_sd.weights import set_by_path
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# CLIP's attention projections (the default, as diffusers' and kohya's scripts) and its MLP.
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODER_ALLOWED = TEXT_ENCODER_TARGETS + ("fc1", "fc2")
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,18 @@ def default_predicate(targets: tuple[str, ...]) -> Callable[[str, nn.Module], bo
     def pred(path: str, module: nn.Module) -> bool:
         return (isinstance(module, nn.Linear) and ".transformer_blocks." in path
                 and any(path == t or path.endswith("." + t) for t in targets))
+
+    return pred
+
+
+def text_encoder_predicate(targets: tuple[str, ...]) -> Callable[[str, nn.Module], bool]:
+    """Linear layers of the CLIP encoder's layers whose name is one of `targets` (q_proj, ..., fc1, fc2)."""
+    unknown = sorted(set(targets) - set(TEXT_ENCODER_ALLOWED))
+    if unknown:
+        raise ValueError(f"text-encoder LoRA targets {unknown}: choose from {', '.join(TEXT_ENCODER_ALLOWED)}")
+
+    def pred(path: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and ".encoder.layers." in path and path.rsplit(".", 1)[-1] in targets
 
     return pred
 
