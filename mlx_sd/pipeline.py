@@ -130,7 +130,8 @@ class StableDiffusion:
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, path, scale: float = 1.0) -> int:
-        """Fuse a LoRA adapter (PEFT folder, diffusers or kohya file, or an `Adapter`) into the UNet.
+        """Fuse a LoRA adapter (PEFT folder, diffusers or kohya file, or an `Adapter`) into the UNet,
+        and its text-encoder part, if it has one, into the text encoder.
 
         Call once per adapter to stack several; the fused weights stay until the model is
         reloaded. Returns the number of modules changed.
@@ -138,9 +139,11 @@ class StableDiffusion:
         from lora.formats import Adapter, apply_adapter, load_adapter
 
         adapter = path if isinstance(path, Adapter) else load_adapter(path)
-        n = apply_adapter(self.unet, adapter, scale=scale)
+        n = apply_adapter(self.unet, adapter, scale=scale, text_encoder=self.text_encoder)
         self.adapters.append((adapter.source or str(path), float(scale)))
         self._denoise_fn = None  # retrace against the new weights
+        if adapter.text_encoder is not None:
+            self._text_cache.clear()  # embeddings of the old text encoder
         return n
 
     # ------------------------------------------------------------------ text
