@@ -5,7 +5,8 @@
         --train_data_dir data/shoes --output_dir runs/shoes --config configs/training_config.json
 
 The dataset's VAE latents and CLIP embeddings are computed once and cached (keyed by content);
-the loop then runs only the UNet with LoRA. Outputs in --output_dir: `lora_weights/` (PEFT,
+the loop then runs only the UNet with LoRA (and, with --train_text_encoder, the text encoder with
+LoRA: then only the latents are cached). Outputs in --output_dir: `lora_weights/` (PEFT,
 diffusers and kohya files), `checkpoints/`, `validation/`, `logs/<timestamp>/`.
 Ctrl-C finishes the current step, writes a checkpoint and exits; `--resume_from_checkpoint
 latest` continues the run exactly. Several Macs: start it with `mlx.launch` (README, "Several
@@ -21,14 +22,15 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from convert.model import resolve_model
-from lora import LoRAConfig, inject_lora, trainable_count
+from lora import LoRAConfig, inject_lora, text_encoder_predicate, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
 from mlx_sd import blas, device, distributed, memory
 from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
@@ -43,7 +45,7 @@ from mlx_sd.run import Run, open_run, stop_on_signal
 from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.train_options import DEFAULT_STEPS, LOCAL_FLAGS, parse_args, validation_prompts
 from mlx_sd.trainer import CachedBatches, EncodingBatches, Schedule, Trainer
-from mlx_sd.training import LossConfig, TrainStep, make_optimizer
+from mlx_sd.training import LossConfig, TrainStep, make_optimizer, text_embeddings
 
 logger = logging.getLogger("train")
 logger.addHandler(logging.NullHandler())  # before logs/ exists, errors are printed, not logged twice
@@ -150,16 +152,18 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
     folder = inputs.folder
     b = args.train_batch_size
     rows = slice(rank * b, (rank + 1) * b)  # this rank's slice of each global batch
+    text = args.train_text_encoder  # batches then bring token ids, which the train step embeds
     if args.no_cache:
         return EncodingBatches(plan, rows, inputs.samples, args.resolution, args.center_crop,
-                               folder.vae(), folder.text_encoder(), inputs.tokenizer)
+                               folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer)
     key = dataset_fingerprint(inputs.samples, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
                               args.resolution, args.random_flip)
     with stop_on_signal("encoding the dataset", "nothing was cached yet; the next run encodes it again"):
         data = load_or_encode(run.out / "cache", key, inputs.samples, args.resolution, args.random_flip,
-                              folder.vae, folder.text_encoder, inputs.tokenizer, progress=run.progress)
+                              folder.vae, None if text else folder.text_encoder, inputs.tokenizer,
+                              progress=run.progress)
     mx.clear_cache()
-    return CachedBatches(plan, rows, data)
+    return CachedBatches(plan, rows, data, inputs.samples, inputs.tokenizer if text else None)
 
 
 def build_unet(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig):
@@ -182,16 +186,35 @@ def build_unet(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig):
     return unet
 
 
-def restore(world, run: Run, resume: Path | None, unet, optimizer, run_config: dict) -> int:
+def build_text_encoder(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig):
+    """The text encoder with LoRA injected (--train_text_encoder; float32), or None: embeddings are cached."""
+    if not args.train_text_encoder:
+        return None
+    te = folder.text_encoder()
+    cfg = replace(lora_cfg, targets=tuple(args.text_encoder_targets))
+    inject_lora(te, cfg, text_encoder_predicate(cfg.targets))
+    if args.memory_limit_gb is None and memory.auto_budget_gb(te, args.gradient_checkpointing):
+        memory.set_budget(memory.current_limit() / 1e9 + memory.weights_gb(te))  # the automatic one is the UNet's
+    n_train = trainable_count(te)
+    n_total = sum(v.size for _, v in tree_flatten(te.parameters()))
+    run.say(f"text-encoder LoRA r={cfg.r} alpha={cfg.alpha} on {', '.join(cfg.targets)}: "
+            f"{n_train:,} trainable of {n_total:,} text-encoder parameters ({100 * n_train / n_total:.4f}%)")
+    return te
+
+
+def restore(world, run: Run, resume: Path | None, unet, optimizer, run_config: dict, text_encoder=None,
+            text_optimizer=None) -> int:
     """The step to start from: 0, or checkpoint `resume`'s (rank 0 reads it; every rank gets its state)."""
     start_step = 0
     if resume is not None and run.main:
-        start_step = load_checkpoint(resume, unet, optimizer, run_config)["step"]
+        start_step = load_checkpoint(resume, unet, optimizer, run_config, text_encoder, text_optimizer)["step"]
         run.say(f"resumed from {resume} at step {start_step}")
+    if text_encoder is not None:
+        distributed.share_training_state(world, text_encoder, text_optimizer, start_step)
     return distributed.share_training_state(world, unet, optimizer, start_step)
 
 
-def heldout_scorer(args, run: Run, inputs: Inputs, unet):
+def heldout_scorer(args, run: Run, inputs: Inputs, unet, text_encoder=None):
     """`score()` -> the held-out loss of the current adapter (mlx_sd.heldout), or None without held-out images."""
     if not inputs.held or not run.main:
         return None
@@ -199,15 +222,20 @@ def heldout_scorer(args, run: Run, inputs: Inputs, unet):
     key = dataset_fingerprint(inputs.held, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
                               args.resolution, False)
     data = load_or_encode(run.out / "cache", f"heldout-{key}", inputs.held, args.resolution, False, folder.vae,
-                          folder.text_encoder, inputs.tokenizer, progress=run.progress)
-    latents, ctx = data.mean * inputs.scaling, data.text[data.caption_index]  # posterior mean: no sampling
+                          None if text_encoder else folder.text_encoder, inputs.tokenizer, progress=run.progress)
+    latents = data.mean * inputs.scaling  # posterior mean: no sampling
+    if text_encoder is not None:  # the embeddings of the text encoder as trained so far
+        ids = inputs.tokenizer([s.caption for s in inputs.held])
+        return lambda: heldout_loss(unet, inputs.schedule, latents, np.array(text_embeddings(text_encoder, ids)),
+                                    seed=args.seed)
+    ctx = data.text[data.caption_index]
     return lambda: heldout_loss(unet, inputs.schedule, latents, ctx, seed=args.seed)
 
 
-def validator(args, run: Run, inputs: Inputs, unet, metrics=None):
+def validator(args, run: Run, inputs: Inputs, unet, metrics=None, text_encoder=None):
     """`validate(epoch, step)`: val_loss on the held-out images and the validation prompts rendered, or None."""
     prompts = validation_prompts(args)
-    score = heldout_scorer(args, run, inputs, unet)
+    score = heldout_scorer(args, run, inputs, unet, text_encoder)
     render = not args.no_validation and bool(prompts)
     if not render and score is None:
         return None
@@ -223,7 +251,7 @@ def validator(args, run: Run, inputs: Inputs, unet, metrics=None):
             run_validation(inputs.folder, unet, inputs.tokenizer, prompts, run.out / "validation", epoch, step,
                            args.num_validation_images, args.validation_inference_steps, args.validation_sampler,
                            args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress,
-                           dtype=args.validation_dtype)
+                           dtype=args.validation_dtype, text_encoder=text_encoder)
 
     return validate
 
@@ -232,11 +260,14 @@ def finish(args, run: Run, trainer: Trainer, unet, folder: ModelFolder, run_conf
     """Export the adapter, render the last validation, plot the loss, and say where everything is."""
     meta = {"steps": step, "base_model": run_config["model"], "dropout": args.lora_dropout, "init": "gaussian",
             "rank": args.lora_rank, "alpha": args.lora_alpha, "resolution": args.resolution}
-    written = export_adapter(adapter_from_model(unet, meta), run.out / "lora_weights")
+    text_encoder = trainer.stepper.text_encoder
+    if text_encoder is not None:
+        meta.update(learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr or args.learning_rate)
+    written = export_adapter(adapter_from_model(unet, meta, text_encoder), run.out / "lora_weights")
     trainer.validate(step)
     curve = plot_loss(read_metrics(run.logs / "metrics.jsonl"), run.logs / "loss_curve.png")
     if args.save_fused_pipeline:
-        run.say(f"fused model: {save_fused_model(folder.path, unet, run.out / 'final_pipeline')}")
+        run.say(f"fused model: {save_fused_model(folder.path, unet, run.out / 'final_pipeline', text_encoder)}")
     if trainer.skipped_nan:
         run.say(f"{trainer.skipped_nan} update(s) skipped for non-finite loss")
     run.say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}")
@@ -267,18 +298,24 @@ def train(args, world: distributed.World, run: Run) -> int:
     max_steps = total_steps(args, plan)
     batches = micro_batches(args, world.rank, run, inputs, plan)
     unet = build_unet(args, run, inputs.folder, lora_cfg)
-    optimizer = make_optimizer(args.learning_rate, args.lr_scheduler, args.lr_warmup_steps, max_steps,
-                               (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon,
-                               args.lr_num_cycles, args.lr_power)
-    start_step = restore(world, run, resume, unet, optimizer, run_config)
+    text_encoder = build_text_encoder(args, run, inputs.folder, lora_cfg)
+
+    def adamw(lr: float):  # every adapter on the same schedule, each at its own peak LR
+        return make_optimizer(lr, args.lr_scheduler, args.lr_warmup_steps, max_steps,
+                              (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon,
+                              args.lr_num_cycles, args.lr_power)
+    optimizer = adamw(args.learning_rate)
+    text_optimizer = adamw(args.text_encoder_lr or args.learning_rate) if text_encoder is not None else None
+    start_step = restore(world, run, resume, unet, optimizer, run_config, text_encoder, text_optimizer)
     stepper = TrainStep(unet, optimizer, inputs.schedule, LossConfig(args.snr_gamma, args.noise_offset, inputs.scaling),
                         args.gradient_accumulation_steps, args.max_grad_norm,
-                        group=world.group if world.size > 1 else None)
+                        group=world.group if world.size > 1 else None, text_encoder=text_encoder,
+                        text_optimizer=text_optimizer)
     schedule = Schedule(max_steps, args.gradient_accumulation_steps, args.seed, args.checkpointing_steps,
                         args.validation_steps, args.checkpoints_total_limit, args.skip_nan_steps)
     metrics = MetricsLog(run.logs, args.report_to) if run.main and not args.check else None
     trainer = Trainer(stepper, unet, optimizer, batches, world, schedule, ckpt_root, run_config, metrics,
-                      validator(args, run, inputs, unet, metrics), progress=run.progress, say=run.say)
+                      validator(args, run, inputs, unet, metrics, text_encoder), progress=run.progress, say=run.say)
     run.started = True
     try:
         if args.check:

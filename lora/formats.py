@@ -485,11 +485,10 @@ def load_into_lora_layers(model: nn.Module, adapter: Adapter, text_encoder: nn.M
             layer.lora_B.weight = part.B[p].astype(layer.lora_B.weight.dtype)
 
 
-def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Path) -> Path:
-    """Write a full converted model folder whose UNet has the adapter(s) fused in (atomically).
-
-    LoRA layers still in `unet` are fused in place first.
-    """
+def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Path,
+                     text_encoder: nn.Module | None = None) -> Path:
+    """Write a full converted model folder whose UNet (and, if given, text encoder) has the adapter(s)
+    fused in (atomically). LoRA layers still in the models are fused in place first."""
     from mlx.utils import tree_flatten
 
     from mlx_sd.model_folder import MARKER, ModelFolder
@@ -497,16 +496,20 @@ def save_fused_model(src_folder: str | Path, unet: nn.Module, out_dir: str | Pat
     from .layers import fuse_lora
 
     src = ModelFolder(src_folder).path
-    if lora_layers(unet):
-        fuse_lora(unet)
+    fused = {"unet": unet, "text_encoder": text_encoder} if text_encoder is not None else {"unet": unet}
+    for model in fused.values():
+        if lora_layers(model):
+            fuse_lora(model)
 
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.safetensors", MARKER), dirs_exist_ok=True)
         for comp in ("text_encoder", "vae"):
-            shutil.copyfile(src / comp / "model.safetensors", tmp / comp / "model.safetensors")
-        mx.save_safetensors(str(tmp / "unet" / "model.safetensors"), dict(tree_flatten(unet.parameters())),
-                            metadata={"format": "mlx"})
+            if comp not in fused:
+                shutil.copyfile(src / comp / "model.safetensors", tmp / comp / "model.safetensors")
+        for comp, model in fused.items():
+            mx.save_safetensors(str(tmp / comp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                                metadata={"format": "mlx"})
         info = json.loads((src / MARKER).read_text())
         info["fused_from"] = str(src)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")

@@ -4,6 +4,9 @@
     adapter_model.safetensors + adapter_config.json   the LoRA (a PEFT folder: usable as is)
     optimizer.safetensors                             AdamW moments and step counter
     trainer_state.json                                step, data position, LR, run config
+and, when the text encoder trains (--train_text_encoder),
+    text_encoder/adapter_model.safetensors + ...      its LoRA (PEFT's folder for it)
+    optimizer_text_encoder.safetensors                its AdamW state
 It is assembled in `.checkpoint-<step>.tmp-<host>-<pid>` and renamed into place; a folder named
 `checkpoint-<step>` is therefore always complete. Randomness needs no saved state: every
 micro-batch seeds MLX's generator from (seed, micro-batch index).
@@ -25,10 +28,12 @@ from mlx.utils import tree_flatten
 from mlx_sd.errors import MlxSdError
 from mlx_sd.io import atomic_folder, discard, safetensors_problem
 from mlx_sd.weights import set_by_path
-from lora.formats import adapter_from_model, export_adapter, load_adapter, load_into_lora_layers
+from lora.formats import (PEFT_WEIGHTS, TEXT_ENCODER_DIR, adapter_from_model, export_adapter, load_adapter,
+                          load_into_lora_layers)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+TEXT_OPTIMIZER = "optimizer_text_encoder.safetensors"
 # A resume continues the same run: every setting saved in the checkpoint must agree, except these,
 # which do not change the trained weights (paths, display, when to save or render, memory, and the
 # number of ranks, as long as the global batch stays the same).
@@ -62,13 +67,16 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, unet: nn.Module, optimizer: optim.Optimizer, state: dict,
-                    total_limit: int | None = None) -> Path:
+                    total_limit: int | None = None, text_encoder: nn.Module | None = None,
+                    text_optimizer: optim.Optimizer | None = None) -> Path:
     final = root / f"checkpoint-{step}"
     with atomic_folder(final, fsync=True) as tmp:
         meta = {"steps": step, "base_model": state["config"].get("model"), "init": "gaussian",
                 "dropout": state["config"].get("lora_dropout", 0.0)}
-        export_adapter(adapter_from_model(unet, meta), tmp, formats=("peft",))
+        export_adapter(adapter_from_model(unet, meta, text_encoder), tmp, formats=("peft",))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if text_encoder is not None:
+            mx.save_safetensors(str(tmp / TEXT_OPTIMIZER), dict(tree_flatten(text_optimizer.state)))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if total_limit and total_limit > 0:
         for _, old in list_checkpoints(root)[:-total_limit]:
@@ -89,7 +97,10 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{STATE_FILE} is not readable JSON ({e})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
         return f"{STATE_FILE} has no step number (expected an object with \"step\": N)"
-    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+    names = ["adapter_model.safetensors", "optimizer.safetensors"]
+    if _trains_text(path):
+        names += [f"{TEXT_ENCODER_DIR}/{PEFT_WEIGHTS}", TEXT_OPTIMIZER]
+    for name in names:
         if not (path / name).exists():
             return f"{name} is missing"
         if problem := safetensors_problem(path / name):
@@ -117,10 +128,21 @@ def resolve_resume(arg: str, root: Path, warn=print) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, config: dict) -> dict:
-    """Restore adapter and optimizer into the live objects; refuse a checkpoint of another run."""
+def _trains_text(path: Path) -> bool:
+    return (path / TEXT_ENCODER_DIR).is_dir() or (path / TEXT_OPTIMIZER).exists()
+
+
+def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, config: dict,
+                    text_encoder: nn.Module | None = None, text_optimizer: optim.Optimizer | None = None) -> dict:
+    """Restore adapter and optimizer (and the text encoder's, when it trains) into the live objects;
+    refuse a checkpoint of another run."""
     if problem := checkpoint_problem(path):
         raise CheckpointError(f"{path}: cannot resume from it: {problem}")
+    if _trains_text(path) != (text_encoder is not None):
+        had, now = ("with", "without") if text_encoder is None else ("without", "with")
+        raise CheckpointError(f"{path} was trained {had} --train_text_encoder and this run is {now} it: the "
+                              f"text encoder's LoRA {'would be lost' if had == 'with' else 'has nothing to resume'}. "
+                              "Resume with the original setting, or start a new --output_dir.")
     state = json.loads((path / STATE_FILE).read_text())
     saved = state.get("config", {})
     keys = sorted(k for k in set(saved) & set(config) if k not in RESULT_NEUTRAL)
@@ -129,17 +151,25 @@ def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, con
         raise CheckpointError(f"{path} belongs to a different run and cannot be resumed here:\n  "
                               + "\n  ".join(diff) + "\nStart a new --output_dir, or use the original settings.")
     try:
-        load_into_lora_layers(unet, load_adapter(path))
-        opt = mx.load(str(path / "optimizer.safetensors"))
+        load_into_lora_layers(unet, load_adapter(path), text_encoder)
     except MlxSdError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    optimizer.init(unet.trainable_parameters())
+    _load_optimizer(path / "optimizer.safetensors", unet, optimizer)
+    if text_encoder is not None:
+        _load_optimizer(path / TEXT_OPTIMIZER, text_encoder, text_optimizer)
+    mx.eval(unet.parameters(), optimizer.state)
+    if text_encoder is not None:
+        mx.eval(text_encoder.parameters(), text_optimizer.state)
+    return state
+
+
+def _load_optimizer(file: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    opt = mx.load(str(file))
+    optimizer.init(model.trainable_parameters())
     expected = dict(tree_flatten(optimizer.state))
     if set(opt) != set(expected):
-        raise CheckpointError(f"{path / 'optimizer.safetensors'}: optimizer state does not match the LoRA layers "
+        raise CheckpointError(f"{file}: optimizer state does not match the LoRA layers "
                               f"({len(set(opt) ^ set(expected))} keys differ)")
     # In place: compiled train steps hold a reference to this very state tree.
     for key, value in opt.items():
         set_by_path(optimizer.state, key, value.astype(expected[key].dtype))
-    mx.eval(unet.parameters(), optimizer.state)
-    return state

@@ -274,7 +274,8 @@ def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], reso
     """Encode the dataset once; with `cache_dir`, reuse `cache_dir/encoded-<key>.npz` when present.
 
     `load_vae`/`load_text` are called only when encoding is needed, and their models are
-    dropped before returning, so the training loop holds neither.
+    dropped before returning, so the training loop holds neither. `load_text=None` (the text encoder
+    trains, so its embeddings change every step) caches the UNet side only: `text` is then empty.
     """
     path = cache_dir / f"encoded-{key}.npz" if cache_dir else None
     if path is not None and path.exists():
@@ -283,6 +284,10 @@ def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], reso
                 data = EncodedData(**{k: z[k] for k in z.files})
             if len(data.mean) == len(samples) and (data.mean_flip is not None) == flip:
                 logger.info("using cached latents and text embeddings: %s", path)
+                if load_text is not None and not data.text.size:  # cached by a run that trained the text encoder
+                    data.text, data.caption_index = encode_captions(load_text(), tokenizer,
+                                                                    [s.caption for s in samples], progress=progress)
+                    atomic_save_npz(path, **{k: v for k, v in data.__dict__.items() if v is not None})
                 return data
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable cache %s (%s)", path, e)
@@ -292,9 +297,10 @@ def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], reso
     if flip:
         mean_f, std_f = encode_images(vae, [s.path for s in samples], resolution, True, progress=progress)
     del vae
-    text_encoder = load_text()
-    text, index = encode_captions(text_encoder, tokenizer, [s.caption for s in samples], progress=progress)
-    del text_encoder
+    if load_text is None:
+        text, index = np.zeros((0,), np.float32), np.zeros(len(samples), np.int64)
+    else:
+        text, index = encode_captions(load_text(), tokenizer, [s.caption for s in samples], progress=progress)
     data = EncodedData(mean, std, text, index, mean_f, std_f)
     if path is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora import DEFAULT_TARGETS
+from lora import DEFAULT_TARGETS, TEXT_ENCODER_ALLOWED, TEXT_ENCODER_TARGETS
 from .cli import HelpFormatter, number
 from .data import DataError
 from .schedulers import SAMPLERS
@@ -76,9 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora_dropout", type=number(float, min=0, max=1, max_open=True), default=0.0,
                    help="dropout on the LoRA input")
     g.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS), help="attention projections to adapt")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="also train a LoRA on the CLIP text encoder (same rank, alpha, dropout); its embeddings are "
+                        "then computed every step instead of cached")
+    g.add_argument("--text_encoder_targets", nargs="+", default=list(TEXT_ENCODER_TARGETS),
+                   help=f"text-encoder layers to adapt, from: {' '.join(TEXT_ENCODER_ALLOWED)}")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--learning_rate", type=number(float, min=0, min_open=True), default=1e-4, help="peak learning rate")
+    g.add_argument("--text_encoder_lr", type=number(float, min=0, min_open=True), default=None,
+                   help="peak learning rate of the text encoder's LoRA (default: --learning_rate; same schedule)")
     g.add_argument("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS, help="learning-rate schedule")
     g.add_argument("--lr_warmup_steps", type=number(int, min=0), default=500, help="linear warm-up updates")
     g.add_argument("--lr_num_cycles", type=number(float, min=0, min_open=True), default=None,
@@ -159,6 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--train_data_dir is required (a folder with images/ and captions.json)")
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} is not a multiple of 8 (SD1.x needs a multiple of 64: 256, 512, ...)")
+    unknown = sorted(set(args.text_encoder_targets) - set(TEXT_ENCODER_ALLOWED))
+    if unknown:
+        p.error(f"--text_encoder_targets {' '.join(unknown)}: choose from {' '.join(TEXT_ENCODER_ALLOWED)}")
+    if not args.train_text_encoder and (args.text_encoder_lr is not None
+                                        or list(args.text_encoder_targets) != list(TEXT_ENCODER_TARGETS)):
+        p.error("--text_encoder_lr and --text_encoder_targets apply only with --train_text_encoder")
     if not args.center_crop and not args.no_cache:
         p.error("random crops (--no-center_crop) change every step and cannot be cached: add --no_cache")
     return args

@@ -4,7 +4,8 @@
 `EncodingBatches` encodes each one with the VAE and text encoder (--no_cache), decoding the next
 micro-batch's images while the current step runs. Both return `(epoch, mean, std, ctx)` for this
 rank's rows of global micro-batch `c`: posterior mean/std NHWC [b, h, w, 4], text embeddings
-[b, 77, D].
+[b, 77, D], or, when the text encoder trains (a `tokenizer` given, no text encoder), the token ids
+[b, 77] of `captions(c)`, which the train step embeds.
 
 `Trainer` runs updates from a start step to the last: accumulation over micro-batches, NaN
 handling, metrics, checkpoints, validation, and a clean stop on SIGINT/SIGTERM (finish the step,
@@ -38,8 +39,15 @@ logger = logging.getLogger("train")
 class CachedBatches:
     """Micro-batches from the encoded dataset; `rows` is this rank's slice of the global batch."""
 
-    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData):
+    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData, samples: list[Sample] | None = None,
+                 tokenizer=None):
         self.plan, self.rows, self.data = plan, rows, data
+        self.samples, self.tokenizer = samples, tokenizer
+
+    def captions(self, c: int) -> list[str]:
+        """The captions of this rank's rows of micro-batch `c`."""
+        _, idx, _ = self.plan(c)
+        return [self.samples[i].caption for i in idx[self.rows]]
 
     def __call__(self, c: int):
         epoch, idx, flips = self.plan(c)
@@ -50,6 +58,8 @@ class CachedBatches:
             mirrored = flips[:, None, None, None]
             mean = np.where(mirrored, d.mean_flip[idx], mean)
             std = np.where(mirrored, d.std_flip[idx], std)
+        if self.tokenizer is not None:
+            return epoch, mx.array(mean), mx.array(std), mx.array(self.tokenizer(self.captions(c)))
         return epoch, mx.array(mean), mx.array(std), mx.array(d.text[d.caption_index[idx]])
 
     def close(self) -> None:
@@ -77,6 +87,11 @@ class EncodingBatches:
                                     np.random.default_rng([self.plan.seed, c, 2, first + j]))
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 
+    def captions(self, c: int) -> list[str]:
+        """The captions of this rank's rows of micro-batch `c`."""
+        _, idx, _ = self.plan(c)
+        return [self.samples[i].caption for i in idx[self.rows]]
+
     def __call__(self, c: int):
         epoch, idx, _ = self.plan(c)
         # Decoding the next micro-batch's images overlaps this one's step (PIL releases the GIL).
@@ -84,7 +99,8 @@ class EncodingBatches:
         px = future.result()
         self.next = (c + 1, self.loader.submit(self.pixels, c + 1))
         mean, logvar = self.encode_image(mx.array(px))
-        ctx = self.text_encoder(mx.array(self.tokenizer([self.samples[i].caption for i in idx[self.rows]])))
+        ids = mx.array(self.tokenizer(self.captions(c)))
+        ctx = ids if self.text_encoder is None else self.text_encoder(ids)  # None: the text encoder trains
         return epoch, mean, mx.exp(0.5 * logvar), ctx
 
     def close(self) -> None:
@@ -167,7 +183,8 @@ class Trainer:
             return None
         state = {"step": step, "epoch": self.epoch_at(step), "micro_batch": step * self.s.grad_accum,
                  "next_lr": self.stepper.lr(), "config": self.run_config}
-        path = save_checkpoint(self.ckpt_root, step, self.unet, self.optimizer, state, self.s.checkpoints_total_limit)
+        path = save_checkpoint(self.ckpt_root, step, self.unet, self.optimizer, state, self.s.checkpoints_total_limit,
+                               self.stepper.text_encoder, self.stepper.text_optimizer)
         logger.info("saved %s", path)
         return path
 
@@ -214,13 +231,13 @@ class Trainer:
                         return step, self._stop_for_nan(step, loss)
                     self.skipped_nan += 1
                     logger.warning("step %d: non-finite loss %s, update skipped", step + 1, loss)
-                    self.optimizer.skip_update()
+                    self.stepper.skip_update()
                     step += 1
                     bar.update(1)
                     continue
                 lr = self.stepper.lr()
                 norm = self.stepper.apply_update(acc)
-                mx.eval(self.unet.trainable_parameters(), self.optimizer.state, norm)
+                mx.eval(self.stepper.trained_state(), norm)
                 step += 1
                 dt = time.perf_counter() - t0
                 if self.metrics:

@@ -9,6 +9,9 @@ before every micro-batch, so a resumed run draws exactly what the uninterrupted 
 Data-parallel (`group` of N ranks, see mlx_sd.distributed): a rank holds rows [r*b, (r+1)*b) of a
 global micro-batch of N*b, draws every random tensor for all N*b rows and keeps its own (`shard_rows`),
 and `apply_update` averages the gradients over the ranks.
+Text-encoder LoRA (`text_encoder` + its own `text_optimizer`, the same LR schedule at its own peak
+LR): the micro-batch brings token ids [b, 77] instead of embeddings, the embeddings are computed in
+`grad_step`, and both adapters' gradients accumulate, average over ranks and clip as one vector.
 """
 
 from __future__ import annotations
@@ -137,29 +140,64 @@ def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float, shard: 
     return (mean + std * eps) * scaling_factor
 
 
+class LoRAModels(nn.Module):
+    """The UNet and the text encoder as one module: one gradient tree `{"unet": ..., "text_encoder": ...}`."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+def text_embeddings(text_encoder: nn.Module, ids) -> mx.array:
+    """[b, 77, D] embeddings of token ids in eval mode (no LoRA dropout), for validation and val_loss."""
+    was_training = text_encoder.training
+    text_encoder.eval()
+    try:
+        out = text_encoder(mx.array(ids))
+        mx.eval(out)
+        return out
+    finally:
+        text_encoder.train(was_training)
+
+
 class TrainStep:
-    """Compiled `grad_step` / `apply_update` pair for a LoRA-injected UNet."""
+    """Compiled `grad_step` / `apply_update` pair for a LoRA-injected UNet (and text encoder)."""
 
     def __init__(self, unet: nn.Module, optimizer: optim.Optimizer, schedule: NoiseSchedule,
                  loss: LossConfig, grad_accum: int = 1, max_grad_norm: float = 1.0, compile: bool = True,
                  draw: Callable | None = None, sample: Callable | None = None,
-                 group: mx.distributed.Group | None = None):
+                 group: mx.distributed.Group | None = None, text_encoder: nn.Module | None = None,
+                 text_optimizer: optim.Optimizer | None = None):
         """`draw(latents) -> (noise, t)` and `sample(mean, std) -> latents` replace the random
         draws (tests use per-sample deterministic ones to compare batchings). With a `group`
-        this process is one rank of a data-parallel run (see the module docstring)."""
+        this process is one rank of a data-parallel run; with a `text_encoder` (and its
+        `text_optimizer`) `grad_step` takes token ids and trains its LoRA too (module docstring)."""
+        if (text_encoder is None) != (text_optimizer is None):
+            raise ValueError("a trained text encoder needs its own optimizer (and the reverse)")
         self.unet, self.optimizer, self.schedule = unet, optimizer, schedule
+        self.text_encoder, self.text_optimizer = text_encoder, text_optimizer
         shard = (group.rank(), group.size()) if group is not None else (0, 1)
         set_batch_shard(unet, *shard)
         draw = draw or (lambda lat: draw_noise(lat, schedule, loss.noise_offset, shard))
         sample = sample or (lambda mean, std: sample_latents(mean, std, loss.scaling_factor, shard))
         self.grad_accum = grad_accum
-        value_and_grad = nn.value_and_grad(
-            unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
+        if text_encoder is None:
+            self.trained = unet
+            value_and_grad = nn.value_and_grad(
+                unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
+        else:
+            set_batch_shard(text_encoder, *shard)
+            self.trained = LoRAModels(unet, text_encoder)
+            value_and_grad = nn.value_and_grad(  # the embeddings are part of the differentiated step
+                self.trained, lambda m, lat, ids, noise, t: loss_fn(m.unet, lat, m.text_encoder(ids), noise, t,
+                                                                    schedule, loss.snr_gamma))
+        trained = self.trained
 
         def grad_step(mean, std, ctx, acc):
+            """`ctx`: text embeddings [b, 77, D], or token ids [b, 77] when the text encoder trains."""
             latents = sample(mean, std)
             noise, t = draw(latents)
-            value, grads = value_and_grad(unet, latents, ctx, noise, t)
+            value, grads = value_and_grad(trained, latents, ctx, noise, t)
             return value, tree_map(mx.add, acc, grads)
 
         def apply_update(acc):
@@ -170,17 +208,37 @@ class TrainStep:
                 grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
             else:
                 norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in _leaves(grads)))
-            optimizer.update(unet, grads)
+            if text_encoder is None:
+                optimizer.update(unet, grads)
+            else:
+                optimizer.update(unet, grads["unet"])
+                text_optimizer.update(text_encoder, grads["text_encoder"])
             return norm
 
         state = [unet.state, optimizer.state, mx.random.state]
+        if text_encoder is not None:
+            state += [text_encoder.state, text_optimizer.state]
+        self.state = state
         if compile:
             grad_step = partial(mx.compile, inputs=state, outputs=state)(grad_step)
             apply_update = partial(mx.compile, inputs=state, outputs=state)(apply_update)
         self.grad_step, self.apply_update = grad_step, apply_update
 
     def zero_grads(self):
-        return tree_map(mx.zeros_like, self.unet.trainable_parameters())
+        return tree_map(mx.zeros_like, self.trained.trainable_parameters())
+
+    def trained_state(self) -> list:
+        """What an update changes (LoRA weights, optimizer states), to evaluate after it."""
+        out = [self.unet.trainable_parameters(), self.optimizer.state]
+        if self.text_encoder is not None:
+            out += [self.text_encoder.trainable_parameters(), self.text_optimizer.state]
+        return out
+
+    def skip_update(self) -> None:
+        """Count an update that was not applied (non-finite loss) in every optimizer's schedule."""
+        for opt in (self.optimizer, self.text_optimizer):
+            if opt is not None:
+                opt.skip_update()
 
     def lr(self) -> float:
         """The LR the next update will use."""

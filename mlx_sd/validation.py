@@ -6,7 +6,7 @@ are loaded for the validation and dropped afterwards, in `dtype`. With float32 o
 base's own dtype the UNet is the one being trained (LoRA unfused; a low-precision base samples in
 its own dtype), so nothing is copied; a half `dtype` over a float32 base samples with a copy in that
 dtype with the adapters fused (half the float32 UNet's memory, dropped afterwards), so training's
-weights are never rounded.
+weights are never rounded. A text encoder being trained (LoRA) is used as it is, in float32.
 """
 
 from __future__ import annotations
@@ -61,27 +61,31 @@ def sampling_copy(unet, dtype: mx.Dtype):
 def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
                    num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
                    guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
-                   progress: bool = False, dtype: str = "float32") -> list[Path]:
+                   progress: bool = False, dtype: str = "float32", text_encoder=None) -> list[Path]:
     from .pipeline import StableDiffusion, as_dtype, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dt = as_dtype(dtype)
     base = unet.conv_in.weight.dtype
     sampling_unet = unet if dt in (base, mx.float32) else sampling_copy(unet, dt)
-    text_encoder, vae = folder.text_encoder(), folder.vae()
-    text_encoder.set_dtype(dt)
+    if text_encoder is None:
+        text_encoder = folder.text_encoder()
+        text_encoder.set_dtype(dt)
+    vae = folder.vae()
     vae.set_dtype(dt)
     pipe = StableDiffusion(tokenizer, text_encoder, sampling_unet, vae, folder.scheduler_config(), compile=False)
     # The same seed for image i of prompt p at every validation: changes come from training only.
     seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
-    was_training = unet.training
+    was_training, text_training = unet.training, text_encoder.training
     unet.eval()  # no LoRA dropout while sampling
+    text_encoder.eval()
     try:
         images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps,
                                guidance_scale=guidance_scale, sampler=sampler, seed=seeds, height=resolution,
                                width=resolution, batch_size=min(4, len(seeds)), progress=progress)
     finally:
         unet.train(was_training)
+        text_encoder.train(text_training)
     files = []
     for k, im in enumerate(images):
         p, i = divmod(k, num_images)
