@@ -215,3 +215,169 @@ def test_continue_training_needs_matching_parts(trained_pair, tmp_path):
     with pytest.raises(AdapterError, match="no text-encoder LoRA"):
         load_into_lora_layers(u2, load_adapter(tmp_path / "unet_only"), text_encoder=t2)
     assert not (tmp_path / "unet_only" / TEXT_ENCODER_DIR).exists()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_step_clips_both_and_uses_the_text_encoder_lr(tiny_mlx_dir):
+    """One update: the reported norm is the global norm over UNet and text-encoder gradients (clipping
+    covers both), and each adapter moves at its own peak LR (UNet 1e-2, text encoder 1e-8)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_sd.schedulers import NoiseSchedule
+    from mlx_sd.training import LoRAModels, LossConfig, TrainStep, loss_fn, make_optimizer
+
+    folder = ModelFolder(tiny_mlx_dir)
+    schedule = NoiseSchedule(folder.scheduler_config())
+    mx.random.seed(0)
+    unet, te = folder.unet(), folder.text_encoder()
+    inject_lora(unet, LoRAConfig(r=4, alpha=8))
+    inject_lora(te, LoRAConfig(r=4, alpha=8), text_encoder_predicate(("q_proj", "v_proj")))
+    _randomize(te, 4)  # non-zero B: every text-encoder parameter gets a gradient
+    b_te = {p: np.array(layer.lora_B.weight) for p, layer in lora_layers(te).items()}
+    rng = np.random.default_rng(0)
+    mean = mx.array(rng.standard_normal((2, 16, 16, 4)).astype(np.float32))
+    ids = mx.array(folder.tokenizer()(PROMPTS[:2]))
+    noise, t = mx.array(rng.standard_normal((2, 16, 16, 4)).astype(np.float32)), mx.array([100, 700])
+
+    def draw(latents):
+        return noise, t
+
+    want_loss, want_grads = nn_value_and_grad(LoRAModels(unet, te), lambda m: loss_fn(
+        m.unet, mean, m.text_encoder(ids), noise, t, schedule))
+    want_norm = float(np.sqrt(sum(float(mx.sum(g * g)) for _, g in tree_flatten(want_grads))))
+    step = TrainStep(unet, make_optimizer(1e-2, "constant", 0, 10), schedule, LossConfig(), max_grad_norm=1e-3,
+                     draw=draw, sample=lambda m, s: m, text_encoder=te, text_optimizer=make_optimizer(1e-8, "constant",
+                                                                                                        0, 10))
+    loss, acc = step.grad_step(mean, mx.zeros_like(mean), ids, step.zero_grads())
+    assert set(acc) == {"unet", "text_encoder"}
+    norm = step.apply_update(acc)
+    mx.eval(step.trained_state(), norm)
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    assert abs(float(norm) - want_norm) <= 1e-4 * want_norm and want_norm > 1e-3  # clipping is active
+    moved_te = max(np.abs(np.array(layer.lora_B.weight) - b_te[p]).max() for p, layer in lora_layers(te).items())
+    moved_unet = max(np.abs(np.array(layer.lora_B.weight)).max() for layer in lora_layers(unet).values())
+    assert moved_unet > 1e-3  # AdamW's first step is ~lr per entry
+    assert 0 < moved_te <= 2e-8
+
+
+def nn_value_and_grad(model, f):
+    import mlx.nn as nn
+
+    return nn.value_and_grad(model, lambda m: f(m))(model)
+
+
+def _run(*args):
+    import train
+
+    return train.main([str(a) for a in args] + ["--no_progress"])
+
+
+TRAIN = ["--resolution", 128, "--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--random_flip",
+         "--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
+         "--lora_rank", 4, "--lora_alpha", 8, "--lora_dropout", 0.1, "--no_validation", "--seed", 5,
+         "--train_text_encoder", "--text_encoder_targets", "q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+@pytest.fixture(scope="module")
+def te_dataset(tmp_path_factory):
+    from test_training import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("te") / "data", n=4)
+
+
+@pytest.fixture(scope="module")
+def te_straight(tiny_mlx_dir, te_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("te_straight") / "run"
+    assert _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir", out,
+                "--max_train_steps", 4, "--checkpointing_steps", 2, *TRAIN) == 0
+    return out
+
+
+def _adapter_arrays(path):
+    a = load_adapter(path)
+    parts = {"unet": a, "text_encoder": a.text_encoder}
+    return {f"{n}:{k}:{w}": np.array(getattr(p, w)[k]) for n, p in parts.items() for k in p.A for w in ("A", "B")}
+
+
+def _metrics(out):
+    logs = sorted((out / "logs").iterdir())[-1]
+    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_trains_both_adapters(te_straight, tiny_mlx_dir, capsys):
+    losses = [r["loss"] for r in _metrics(te_straight)]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    adapter = load_adapter(te_straight / "lora_weights")
+    te = adapter.text_encoder
+    assert te is not None and len(te.A) == 5 * 2  # 5 targets x 2 layers
+    assert min(float(mx.abs(b).max()) for b in te.B.values()) > 1e-5  # every text-encoder B left zero
+    assert min(float(mx.abs(b).max()) for b in adapter.B.values()) > 1e-5  # and the UNet still trains
+    for name in (PEFT_WEIGHTS, f"{TEXT_ENCODER_DIR}/{PEFT_WEIGHTS}", DIFFUSERS_WEIGHTS, KOHYA_WEIGHTS):
+        assert (te_straight / "lora_weights" / name).exists(), name
+    kohya = mx.load(str(te_straight / "lora_weights" / KOHYA_WEIGHTS), return_metadata=True)
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in kohya[0]
+    assert kohya[1]["ss_text_encoder_lr"] == "0.0005"
+    # The text embeddings are not cached: the cache holds the latents only.
+    cache = np.load(next((te_straight / "cache").glob("encoded-*.npz")))
+    assert cache["text"].size == 0 and cache["mean"].shape[0] == 4
+
+
+def test_trainable_counts_are_printed_separately(tiny_mlx_dir, te_dataset, tmp_path, capsys):
+    assert _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir",
+                tmp_path, "--max_train_steps", 1, "--checkpointing_steps", 0, *TRAIN) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=4 alpha=8.0 on to_q, to_k, to_v, to_out.0: 52,480 trainable of" in out
+    # 2 layers x (4 attention projections x 4*(32+32) + fc1 4*(32+37)) = 2 x (1024 + 276)
+    assert "text-encoder LoRA r=4 alpha=8.0 on q_proj, k_proj, v_proj, out_proj, fc1: 2,600 trainable of" in out
+
+
+def test_resume_is_exact(te_straight, tiny_mlx_dir, te_dataset, tmp_path):
+    """4 updates straight == 2 updates, checkpoint, resume to 4: bit-identical adapters (UNet and text
+    encoder) and the same loss and LR at every step (LoRA dropout, flips and accumulation on)."""
+    import shutil
+
+    ck = te_straight / "checkpoints" / "checkpoint-2"
+    assert (ck / TEXT_ENCODER_DIR / PEFT_WEIGHTS).exists() and (ck / "optimizer_text_encoder.safetensors").exists()
+    shutil.copytree(ck, tmp_path / "ck2")
+    out = tmp_path / "run"
+    assert _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir", out,
+                "--max_train_steps", 4, "--checkpointing_steps", 2, *TRAIN,
+                "--resume_from_checkpoint", tmp_path / "ck2") == 0
+    want, got = _adapter_arrays(te_straight / "lora_weights"), _adapter_arrays(out / "lora_weights")
+    assert set(want) == set(got)
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
+    ref, now = _metrics(te_straight), _metrics(out)
+    assert [(r["loss"], r["lr"]) for r in ref[2:]] == [(r["loss"], r["lr"]) for r in now]
+
+
+def test_resume_with_another_text_encoder_setting_is_refused(te_straight, tiny_mlx_dir, te_dataset, tmp_path, capsys):
+    without = [a for a in TRAIN if a not in ("--train_text_encoder", "--text_encoder_lr", 5e-4, "--text_encoder_targets",
+                                             "q_proj", "k_proj", "v_proj", "out_proj", "fc1")]
+    rc = _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir",
+              tmp_path / "a", "--max_train_steps", 4, *without,
+              "--resume_from_checkpoint", te_straight / "checkpoints" / "checkpoint-2")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "was trained with --train_text_encoder and this run is without it" in err
+    assert not (tmp_path / "a" / "lora_weights").exists()
+    assert _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir",
+                tmp_path / "b", "--max_train_steps", 2, "--checkpointing_steps", 2, *without) == 0
+    rc = _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir",
+              tmp_path / "c", "--max_train_steps", 4, *TRAIN,
+              "--resume_from_checkpoint", tmp_path / "b" / "checkpoints" / "checkpoint-2")
+    assert rc == 2
+    assert "was trained without --train_text_encoder and this run is with it" in capsys.readouterr().err
+
+
+def test_flags_are_checked():
+    from mlx_sd.train_options import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--train_data_dir", "x", "--train_text_encoder", "--text_encoder_targets", "to_q"])
+    with pytest.raises(SystemExit):
+        parse_args(["--train_data_dir", "x", "--text_encoder_lr", "1e-5"])
+    args = parse_args(["--train_data_dir", "x", "--train_text_encoder", "--text_encoder_targets", "fc1", "fc2"])
+    assert args.text_encoder_targets == ["fc1", "fc2"] and args.text_encoder_lr is None
