@@ -274,10 +274,11 @@ def _run(*args):
     return train.main([str(a) for a in args] + ["--no_progress"])
 
 
-TRAIN = ["--resolution", 128, "--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--random_flip",
-         "--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
-         "--lora_rank", 4, "--lora_alpha", 8, "--lora_dropout", 0.1, "--no_validation", "--seed", 5,
-         "--train_text_encoder", "--text_encoder_targets", "q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+SETTINGS = ["--resolution", 128, "--gradient_accumulation_steps", 2, "--random_flip",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
+            "--lora_rank", 4, "--lora_alpha", 8, "--lora_dropout", 0.1, "--no_validation", "--seed", 5,
+            "--train_text_encoder", "--text_encoder_targets", "q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+TRAIN = ["--train_batch_size", 2, *SETTINGS]
 
 
 @pytest.fixture(scope="module")
@@ -354,8 +355,8 @@ def test_resume_is_exact(te_straight, tiny_mlx_dir, te_dataset, tmp_path):
 
 
 def test_resume_with_another_text_encoder_setting_is_refused(te_straight, tiny_mlx_dir, te_dataset, tmp_path, capsys):
-    without = [a for a in TRAIN if a not in ("--train_text_encoder", "--text_encoder_lr", 5e-4, "--text_encoder_targets",
-                                             "q_proj", "k_proj", "v_proj", "out_proj", "fc1")]
+    without = TRAIN[:TRAIN.index("--text_encoder_lr")] + TRAIN[TRAIN.index("--text_encoder_lr") + 2:]
+    without = without[:without.index("--train_text_encoder")]  # the text-encoder flags come last
     rc = _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir",
               tmp_path / "a", "--max_train_steps", 4, *without,
               "--resume_from_checkpoint", te_straight / "checkpoints" / "checkpoint-2")
@@ -381,3 +382,29 @@ def test_flags_are_checked():
         parse_args(["--train_data_dir", "x", "--text_encoder_lr", "1e-5"])
     args = parse_args(["--train_data_dir", "x", "--train_text_encoder", "--text_encoder_targets", "fc1", "fc2"])
     assert args.text_encoder_targets == ["fc1", "fc2"] and args.text_encoder_lr is None
+
+
+def test_two_ranks_train_both_adapters_as_one_process(tiny_mlx_dir, te_dataset, tmp_path):
+    """Data parallel with the text encoder training: 2 ranks x batch 1 == 1 process x batch 2 (dropout,
+    flips, accumulation on); both adapters within float32 noise (relative L2 1e-5), the same losses."""
+    from test_distributed import LAUNCHER, _train_cmd, launch, losses
+
+    if not LAUNCHER.exists():
+        pytest.skip("mlx.launch is not installed next to this python")
+    common = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--max_train_steps", 3,
+              "--checkpointing_steps", 0, *SETTINGS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(*common, "--train_batch_size", 2, "--output_dir", one) == 0
+    log = launch(_train_cmd(*common, "--train_batch_size", 1, "--output_dir", two))
+    assert "done: 3 steps" in log and "data parallel: 2 ranks" in log, log
+    a, b = _adapter_arrays(one / "lora_weights"), _adapter_arrays(two / "lora_weights")
+    assert set(a) == set(b)
+    for part in ("unet", "text_encoder"):
+        for w in ("A", "B"):
+            keys = sorted(k for k in a if k.startswith(part + ":") and k.endswith(":" + w))
+            x = np.concatenate([a[k].ravel() for k in keys])
+            y = np.concatenate([b[k].ravel() for k in keys])
+            rel = np.linalg.norm(x - y) / np.linalg.norm(x)
+            print(f"{part} {w}: relative L2 difference {rel:.2e}")
+            assert rel <= 1e-5, (part, w)
+    np.testing.assert_allclose([losses(two)[s] for s in (1, 2, 3)], [losses(one)[s] for s in (1, 2, 3)], rtol=1e-5)
