@@ -34,6 +34,8 @@ LAYERS = {
     "mlx_sd.validation": 2,
     "mlx_sd.logs": 2,
     "mlx_sd.generate": 2,
+    "mlx_sd.generate_folder": 2,
+    "mlx_sd.clip_filter": 2,
     "mlx_sd.evaluate": 2,
     "mlx_sd.doctor": 2,
     "mlx_sd.demo": 2,
