@@ -41,6 +41,7 @@ from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, read_metrics
 from mlx_sd.model_folder import MARKER, ModelFolder
 from mlx_sd.run import Run, open_run, stop_on_signal
 from mlx_sd.schedulers import NoiseSchedule
+from mlx_sd.sources import fetch_hub_dataset, subset
 from mlx_sd.train_options import DEFAULT_STEPS, LOCAL_FLAGS, parse_args, validation_prompts
 from mlx_sd.trainer import CachedBatches, EncodingBatches, Schedule, Trainer
 from mlx_sd.training import LossConfig, TrainStep, make_optimizer
@@ -93,19 +94,27 @@ class Inputs:
 
 def load_inputs(args, run: Run) -> Inputs:
     """The dataset first (a bad one fails before minutes of model loading), then the model folder."""
-    samples, skipped = scan(args.train_data_dir, strict=args.strict_data)
+    data_dir = args.train_data_dir or fetch_hub_dataset(args.dataset_name, args.dataset_revision,
+                                                        args.caption_extension)
+    samples, skipped = scan(data_dir, args.strict_data, args.caption_extension, args.image_column,
+                            args.caption_column)
     for s in skipped:
         run.say(f"skipped {s}")
-    run.say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {args.train_data_dir}")
+    source = f"{args.dataset_name} ({data_dir})" if args.dataset_name else data_dir
+    run.say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {source}")
     held = []
     if args.validation_data_dir:
-        held, _ = scan(args.validation_data_dir, strict=args.strict_data)
+        held, _ = scan(args.validation_data_dir, args.strict_data, args.caption_extension, args.image_column,
+                       args.caption_column)
     elif args.validation_split:
         try:
             keep, out = split_holdout([s.path.name for s in samples], args.validation_split, args.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         samples, held = [samples[i] for i in keep], [samples[i] for i in out]
+    if args.max_train_samples and args.max_train_samples < len(samples):
+        samples = subset(samples, args.max_train_samples, args.seed)
+        run.say(f"--max_train_samples: training on {len(samples)} of them")
     if held:
         run.say(f"held out for val_loss: {len(held)} images; training on {len(samples)}")
     folder = ModelFolder(resolve_model(args.pretrained_model_name_or_path))
