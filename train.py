@@ -31,6 +31,7 @@ from convert.model import resolve_model
 from lora import LoRAConfig, inject_lora, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
 from mlx_sd import blas, device, distributed, memory
+from mlx_sd.captions import CaptionVariants
 from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from mlx_sd.config import ConfigError
 from mlx_sd.data import BatchPlan, dataset_fingerprint, load_or_encode, scan
@@ -159,16 +160,23 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
     folder = inputs.folder
     b = args.train_batch_size
     rows = slice(rank * b, (rank + 1) * b)  # this rank's slice of each global batch
+    variants = CaptionVariants(args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
+                               args.caption_separator)
     if args.no_cache:
         return EncodingBatches(plan, rows, inputs.samples, args.resolution, args.center_crop,
-                               folder.vae(), folder.text_encoder(), inputs.tokenizer)
+                               folder.vae(), folder.text_encoder(), inputs.tokenizer, variants)
     key = dataset_fingerprint(inputs.samples, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
                               args.resolution, args.random_flip)
     with stop_on_signal("encoding the dataset", "nothing was cached yet; the next run encodes it again"):
         data = load_or_encode(run.out / "cache", key, inputs.samples, args.resolution, args.random_flip,
                               folder.vae, folder.text_encoder, inputs.tokenizer, progress=run.progress)
     mx.clear_cache()
-    return CachedBatches(plan, rows, data)
+    if variants.active:
+        run.say(f"caption variants: dropout {variants.dropout:g}" + (
+            f", tags shuffled (first {variants.keep_tokens} kept); text encoded every step" if variants.shuffle
+            else ", the empty caption's embedding computed once"))
+    return CachedBatches(plan, rows, data, [s.caption for s in inputs.samples], variants,
+                         folder.text_encoder() if variants.active else None, inputs.tokenizer)
 
 
 def build_unet(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig):

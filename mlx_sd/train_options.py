@@ -50,6 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--caption_extension", default=None, metavar="EXT",
                    help="read captions from a file beside each image with this extension (kohya: .txt, .caption); "
                         "default: captions.json / metadata.jsonl, else .txt or .caption files")
+    g.add_argument("--caption_dropout_rate", type=number(float, min=0, max=1, max_open=True), default=0.0,
+                   help="probability of training a step's image with the empty caption (the unconditional branch "
+                        "guidance uses; e.g. 0.05)")
+    g.add_argument("--shuffle_caption", action="store_true",
+                   help="shuffle each caption's comma-separated tags every step")
+    g.add_argument("--keep_tokens", type=number(int, min=0), default=0,
+                   help="with --shuffle_caption: the first N tags stay in place (e.g. a trigger word)")
+    g.add_argument("--caption_separator", default=",", help="what separates tags for --shuffle_caption")
     g.add_argument("--max_train_samples", type=number(int, min=1), default=None,
                    help="train on this many images, chosen by --seed (quick experiments)")
     g.add_argument("--output_dir", default="lora-output",
@@ -176,6 +184,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "is required")
     if args.train_data_dir and args.dataset_name:
         p.error("give --train_data_dir or --dataset_name, not both")
+    if args.keep_tokens and not args.shuffle_caption:
+        p.error("--keep_tokens applies with --shuffle_caption (it names the tags that are not shuffled)")
+    if not args.caption_separator:
+        p.error("--caption_separator must not be empty")
     if args.dataset_revision and not args.dataset_name:
         p.error("--dataset_revision applies to --dataset_name")
     if args.resolution % 8:

@@ -4,7 +4,7 @@
 `EncodingBatches` encodes each one with the VAE and text encoder (--no_cache), decoding the next
 micro-batch's images while the current step runs. Both return `(epoch, mean, std, ctx)` for this
 rank's rows of global micro-batch `c`: posterior mean/std NHWC [b, h, w, 4], text embeddings
-[b, 77, D].
+[b, 77, D]; `captions(c)` gives that micro-batch's captions after caption dropout / tag shuffling.
 
 `Trainer` runs updates from a start step to the last: accumulation over micro-batches, NaN
 handling, metrics, checkpoints, validation, and a clean stop on SIGINT/SIGTERM (finish the step,
@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .captions import CaptionVariants
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import BatchPlan, EncodedData, Sample, preprocess
 from .distributed import World
@@ -35,11 +36,41 @@ from .logs import FILE_ONLY
 logger = logging.getLogger("train")
 
 
-class CachedBatches:
-    """Micro-batches from the encoded dataset; `rows` is this rank's slice of the global batch."""
+def batch_captions(plan: BatchPlan, rows: slice, captions: list[str], variants: CaptionVariants, c: int) -> list[str]:
+    """This rank's captions of global micro-batch `c`, after the per-step variants (`mlx_sd.captions`)."""
+    _, idx, _ = plan(c)
+    return variants.for_batch([captions[i] for i in idx[rows]], plan.seed, c, rows.start or 0)
 
-    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData):
+
+class CachedBatches:
+    """Micro-batches from the encoded dataset; `rows` is this rank's slice of the global batch.
+
+    With caption variants, the text embeddings change per step: caption dropout alone needs only the
+    empty caption's embedding (computed once, the rest stay cached); tag shuffling encodes the drawn
+    captions every step, so the text encoder stays loaded (`text_encoder`, `tokenizer`).
+    """
+
+    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData, captions: list[str] | None = None,
+                 variants: CaptionVariants = CaptionVariants(), text_encoder=None, tokenizer=None):
         self.plan, self.rows, self.data = plan, rows, data
+        self.sample_captions, self.variants = captions, variants
+        self.text_encoder, self.tokenizer, self.empty = text_encoder, tokenizer, None
+        if variants.active and not variants.shuffle:
+            self.empty = np.array(text_encoder(mx.array(tokenizer([""]))))[0]
+            self.text_encoder = None  # the rest is cached
+
+    def captions(self, c: int) -> list[str]:
+        return batch_captions(self.plan, self.rows, self.sample_captions, self.variants, c)
+
+    def text(self, c: int, idx: np.ndarray) -> mx.array:
+        d = self.data
+        if not self.variants.active:
+            return mx.array(d.text[d.caption_index[idx]])
+        caps = self.captions(c)
+        if self.empty is not None:
+            dropped = np.array([not cap for cap in caps])[:, None, None]
+            return mx.array(np.where(dropped, self.empty, d.text[d.caption_index[idx]]))
+        return self.text_encoder(mx.array(self.tokenizer(caps)))
 
     def __call__(self, c: int):
         epoch, idx, flips = self.plan(c)
@@ -50,7 +81,7 @@ class CachedBatches:
             mirrored = flips[:, None, None, None]
             mean = np.where(mirrored, d.mean_flip[idx], mean)
             std = np.where(mirrored, d.std_flip[idx], std)
-        return epoch, mx.array(mean), mx.array(std), mx.array(d.text[d.caption_index[idx]])
+        return epoch, mx.array(mean), mx.array(std), self.text(c, idx)
 
     def close(self) -> None:
         pass
@@ -60,8 +91,8 @@ class EncodingBatches:
     """Micro-batches encoded every step, as the original script did (needed for random crops)."""
 
     def __init__(self, plan: BatchPlan, rows: slice, samples: list[Sample], resolution: int, center_crop: bool,
-                 vae, text_encoder, tokenizer):
-        self.plan, self.rows, self.samples = plan, rows, samples
+                 vae, text_encoder, tokenizer, variants: CaptionVariants = CaptionVariants()):
+        self.plan, self.rows, self.samples, self.variants = plan, rows, samples, variants
         self.resolution, self.center_crop = resolution, center_crop
         self.encode_image = mx.compile(lambda x: vae.encode(x))
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -78,14 +109,17 @@ class EncodingBatches:
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 
     def __call__(self, c: int):
-        epoch, idx, _ = self.plan(c)
+        epoch = self.plan.epoch_of(c)
         # Decoding the next micro-batch's images overlaps this one's step (PIL releases the GIL).
         future = self.next[1] if self.next and self.next[0] == c else self.loader.submit(self.pixels, c)
         px = future.result()
         self.next = (c + 1, self.loader.submit(self.pixels, c + 1))
         mean, logvar = self.encode_image(mx.array(px))
-        ctx = self.text_encoder(mx.array(self.tokenizer([self.samples[i].caption for i in idx[self.rows]])))
+        ctx = self.text_encoder(mx.array(self.tokenizer(self.captions(c))))
         return epoch, mean, mx.exp(0.5 * logvar), ctx
+
+    def captions(self, c: int) -> list[str]:
+        return batch_captions(self.plan, self.rows, [s.caption for s in self.samples], self.variants, c)
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)

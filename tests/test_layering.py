@@ -25,6 +25,7 @@ LAYERS = {
     "mlx_sd.studio": 2,
     "mlx_sd.data": 2,
     "mlx_sd.sources": 2,
+    "mlx_sd.captions": 2,
     "mlx_sd.training": 2,
     "mlx_sd.trainer": 2,
     "mlx_sd.train_options": 2,
