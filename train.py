@@ -39,6 +39,7 @@ from mlx_sd.errors import MlxSdError
 from mlx_sd.heldout import heldout_loss, split_holdout
 from mlx_sd.io import WriteError, write_text
 from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, read_metrics
+from mlx_sd.model_card import write_model_card
 from mlx_sd.model_folder import MARKER, ModelFolder
 from mlx_sd.run import Run, open_run, stop_on_signal
 from mlx_sd.schedulers import NoiseSchedule
@@ -245,18 +246,22 @@ def validator(args, run: Run, inputs: Inputs, unet, metrics=None):
     return validate
 
 
-def finish(args, run: Run, trainer: Trainer, unet, folder: ModelFolder, run_config: dict, step: int) -> int:
+def finish(args, run: Run, trainer: Trainer, unet, inputs: Inputs, run_config: dict, step: int) -> int:
     """Export the adapter, render the last validation, plot the loss, and say where everything is."""
     meta = {"steps": step, "base_model": run_config["model"], "dropout": args.lora_dropout, "init": "gaussian",
             "rank": args.lora_rank, "alpha": args.lora_alpha, "resolution": args.resolution}
     written = export_adapter(adapter_from_model(unet, meta), run.out / "lora_weights")
     trainer.validate(step)
+    grids = sorted((run.out / "validation").glob(f"*_step{step:04d}_grid.png"))
+    card = write_model_card(run.out / "lora_weights", run_config, step, [s.caption for s in inputs.samples],
+                            [] if args.no_validation else validation_prompts(args), grids[-1] if grids else None,
+                            written)
     curve = plot_loss(read_metrics(run.logs / "metrics.jsonl"), run.logs / "loss_curve.png")
     if args.save_fused_pipeline:
-        run.say(f"fused model: {save_fused_model(folder.path, unet, run.out / 'final_pipeline')}")
+        run.say(f"fused model: {save_fused_model(inputs.folder.path, unet, run.out / 'final_pipeline')}")
     if trainer.skipped_nan:
         run.say(f"{trainer.skipped_nan} update(s) skipped for non-finite loss")
-    run.say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}")
+    run.say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}; model card {card}")
     run.say(f"logs: {run.logs}" + (f" (loss curve {curve.name})" if curve else ""))
     return 0
 
@@ -308,7 +313,7 @@ def train(args, world: distributed.World, run: Run) -> int:
             return setup_check(trainer, unet, max_steps, run.say, args, None if args.no_validation else validation_peak)
         step, status = trainer.run(start_step)
         if status is None and run.main:
-            status = finish(args, run, trainer, unet, inputs.folder, run_config, step)
+            status = finish(args, run, trainer, unet, inputs, run_config, step)
     except WriteError as e:
         last = latest_checkpoint(ckpt_root)
         raise WriteError(f"{e}\nTraining stopped; " + (f"the last complete checkpoint is {last}: add "
