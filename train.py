@@ -33,6 +33,7 @@ from convert.model import resolve_model
 from lora import LoRAConfig, inject_lora, text_encoder_predicate, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
 from mlx_sd import blas, device, distributed, memory
+from mlx_sd.captions import CaptionVariants
 from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from mlx_sd.config import ConfigError
 from mlx_sd.data import BatchPlan, dataset_fingerprint, load_or_encode, scan
@@ -40,9 +41,11 @@ from mlx_sd.errors import MlxSdError
 from mlx_sd.heldout import heldout_loss, split_holdout
 from mlx_sd.io import WriteError, write_text
 from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, read_metrics
+from mlx_sd.model_card import write_model_card
 from mlx_sd.model_folder import MARKER, ModelFolder
 from mlx_sd.run import Run, open_run, stop_on_signal
 from mlx_sd.schedulers import NoiseSchedule
+from mlx_sd.sources import fetch_hub_dataset, subset
 from mlx_sd.train_options import DEFAULT_STEPS, LOCAL_FLAGS, parse_args, validation_prompts
 from mlx_sd.trainer import CachedBatches, EncodingBatches, Schedule, Trainer
 from mlx_sd.training import LossConfig, TrainStep, make_optimizer, text_embeddings
@@ -95,19 +98,27 @@ class Inputs:
 
 def load_inputs(args, run: Run) -> Inputs:
     """The dataset first (a bad one fails before minutes of model loading), then the model folder."""
-    samples, skipped = scan(args.train_data_dir, strict=args.strict_data)
+    data_dir = args.train_data_dir or fetch_hub_dataset(args.dataset_name, args.dataset_revision,
+                                                        args.caption_extension)
+    samples, skipped = scan(data_dir, args.strict_data, args.caption_extension, args.image_column,
+                            args.caption_column)
     for s in skipped:
         run.say(f"skipped {s}")
-    run.say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {args.train_data_dir}")
+    source = f"{args.dataset_name} ({data_dir})" if args.dataset_name else data_dir
+    run.say(f"dataset: {len(samples)} images ({len(skipped)} skipped) from {source}")
     held = []
     if args.validation_data_dir:
-        held, _ = scan(args.validation_data_dir, strict=args.strict_data)
+        held, _ = scan(args.validation_data_dir, args.strict_data, args.caption_extension, args.image_column,
+                       args.caption_column)
     elif args.validation_split:
         try:
             keep, out = split_holdout([s.path.name for s in samples], args.validation_split, args.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         samples, held = [samples[i] for i in keep], [samples[i] for i in out]
+    if args.max_train_samples and args.max_train_samples < len(samples):
+        samples = subset(samples, args.max_train_samples, args.seed)
+        run.say(f"--max_train_samples: training on {len(samples)} of them")
     if held:
         run.say(f"held out for val_loss: {len(held)} images; training on {len(samples)}")
     folder = ModelFolder(resolve_model(args.pretrained_model_name_or_path))
@@ -153,9 +164,11 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
     b = args.train_batch_size
     rows = slice(rank * b, (rank + 1) * b)  # this rank's slice of each global batch
     text = args.train_text_encoder  # batches then bring token ids, which the train step embeds
+    variants = CaptionVariants(args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
+                               args.caption_separator)
     if args.no_cache:
         return EncodingBatches(plan, rows, inputs.samples, args.resolution, args.center_crop,
-                               folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer)
+                               folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer, variants)
     key = dataset_fingerprint(inputs.samples, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
                               args.resolution, args.random_flip)
     with stop_on_signal("encoding the dataset", "nothing was cached yet; the next run encodes it again"):
@@ -163,7 +176,13 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
                               folder.vae, None if text else folder.text_encoder, inputs.tokenizer,
                               progress=run.progress)
     mx.clear_cache()
-    return CachedBatches(plan, rows, data, inputs.samples, inputs.tokenizer if text else None)
+    if variants.active:
+        run.say(f"caption variants: dropout {variants.dropout:g}" + (
+            f", tags shuffled (first {variants.keep_tokens} kept); text encoded every step" if variants.shuffle or text
+            else ", the empty caption's embedding computed once"))
+    return CachedBatches(plan, rows, data, [s.caption for s in inputs.samples], variants,
+                         folder.text_encoder() if variants.active and not text else None, inputs.tokenizer,
+                         token_ids=text)
 
 
 def build_unet(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig):
@@ -256,7 +275,7 @@ def validator(args, run: Run, inputs: Inputs, unet, metrics=None, text_encoder=N
     return validate
 
 
-def finish(args, run: Run, trainer: Trainer, unet, folder: ModelFolder, run_config: dict, step: int) -> int:
+def finish(args, run: Run, trainer: Trainer, unet, inputs: Inputs, run_config: dict, step: int) -> int:
     """Export the adapter, render the last validation, plot the loss, and say where everything is."""
     meta = {"steps": step, "base_model": run_config["model"], "dropout": args.lora_dropout, "init": "gaussian",
             "rank": args.lora_rank, "alpha": args.lora_alpha, "resolution": args.resolution}
@@ -265,12 +284,16 @@ def finish(args, run: Run, trainer: Trainer, unet, folder: ModelFolder, run_conf
         meta.update(learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr or args.learning_rate)
     written = export_adapter(adapter_from_model(unet, meta, text_encoder), run.out / "lora_weights")
     trainer.validate(step)
+    grids = sorted((run.out / "validation").glob(f"*_step{step:04d}_grid.png"))
+    card = write_model_card(run.out / "lora_weights", run_config, step, [s.caption for s in inputs.samples],
+                            [] if args.no_validation else validation_prompts(args), grids[-1] if grids else None,
+                            written)
     curve = plot_loss(read_metrics(run.logs / "metrics.jsonl"), run.logs / "loss_curve.png")
     if args.save_fused_pipeline:
-        run.say(f"fused model: {save_fused_model(folder.path, unet, run.out / 'final_pipeline', text_encoder)}")
+        run.say(f"fused model: {save_fused_model(inputs.folder.path, unet, run.out / 'final_pipeline', text_encoder)}")
     if trainer.skipped_nan:
         run.say(f"{trainer.skipped_nan} update(s) skipped for non-finite loss")
-    run.say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}")
+    run.say(f"done: {step} steps. LoRA weights: {', '.join(str(p) for p in written.values())}; model card {card}")
     run.say(f"logs: {run.logs}" + (f" (loss curve {curve.name})" if curve else ""))
     return 0
 
@@ -328,7 +351,7 @@ def train(args, world: distributed.World, run: Run) -> int:
             return setup_check(trainer, unet, max_steps, run.say, args, None if args.no_validation else validation_peak)
         step, status = trainer.run(start_step)
         if status is None and run.main:
-            status = finish(args, run, trainer, unet, inputs.folder, run_config, step)
+            status = finish(args, run, trainer, unet, inputs, run_config, step)
     except WriteError as e:
         last = latest_checkpoint(ckpt_root)
         raise WriteError(f"{e}\nTraining stopped; " + (f"the last complete checkpoint is {last}: add "

@@ -1,9 +1,11 @@
 """Training data: caption files, up-front checks, preprocessing, latent/text caching, batching.
 
-A dataset folder holds the images (in `images/`, or the folder itself) and one caption file:
+A dataset folder holds the images (in `images/`, `train/` or the folder itself) and their captions:
 - `captions.json` as a mapping `{"file.png": "caption", ...}`, or a list of records
   `[{"file_name"|"image"|"file": ..., "text"|"caption": ...}, ...]`;
-- `metadata.jsonl` (Hugging Face imagefolder): one `{"file_name": ..., "text": ...}` per line.
+- `metadata.jsonl` (Hugging Face imagefolder): one `{"file_name": ..., "text": ...}` per line
+  (--image_column / --caption_column name other keys);
+- or a caption file beside each image, kohya's layout: `a.png` + `a.txt` (or --caption_extension).
 Pixels are NHWC float32 in [-1, 1]. Latents are NHWC, unscaled (VAE mean/std before the
 scaling factor is applied).
 """
@@ -27,6 +29,8 @@ from .io import atomic_file
 logger = logging.getLogger(__name__)
 
 CAPTION_FILES = ("captions.json", "metadata.jsonl")
+SIDECAR_EXTENSIONS = (".txt", ".caption")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _FILE_KEYS = ("file_name", "image", "file", "filename", "path")
 _TEXT_KEYS = ("text", "caption", "prompt")
 
@@ -41,55 +45,103 @@ class Sample:
     caption: str
 
 
-def _records_from_json(obj, source: Path) -> list[tuple[str, str]]:
+def _records_from_json(obj, source: Path, image_column: str | None = None,
+                       caption_column: str | None = None) -> list[tuple[str, str]]:
     if isinstance(obj, dict):
         return [(str(k), v if isinstance(v, str) else "") for k, v in obj.items()]
-    if isinstance(obj, list):
-        out = []
-        for i, rec in enumerate(obj):
-            if not isinstance(rec, dict):
-                raise DataError(f"{source}: entry {i} is not an object with a file name and a caption")
-            f = next((rec[k] for k in _FILE_KEYS if k in rec), None)
-            t = next((rec[k] for k in _TEXT_KEYS if k in rec), "")
-            if f is None:
-                raise DataError(f"{source}: entry {i} has no file name (one of {', '.join(_FILE_KEYS)})")
-            out.append((str(f), t if isinstance(t, str) else ""))
-        return out
-    raise DataError(f"{source}: expected a mapping {{file: caption}} or a list of records")
+    if not isinstance(obj, list):
+        raise DataError(f"{source}: expected a mapping {{file: caption}} or a list of records")
+    # An imagefolder's "image" column is its file_name key (as the datasets library reads it).
+    file_keys = (image_column, "file_name") if image_column else _FILE_KEYS
+    text_keys = (caption_column,) if caption_column else _TEXT_KEYS
+    out = []
+    for i, rec in enumerate(obj):
+        if not isinstance(rec, dict):
+            raise DataError(f"{source}: entry {i} is not an object with a file name and a caption")
+        f = next((rec[k] for k in file_keys if k in rec), None)
+        if f is None:
+            raise DataError(f"{source}: entry {i} has no file name (one of {', '.join(file_keys)}; keys present: "
+                            f"{', '.join(rec) or 'none'})" + ("; check --image_column" if image_column else ""))
+        if caption_column and caption_column not in rec:
+            raise DataError(f"{source}: entry {i} has no {caption_column!r} column (--caption_column); keys "
+                            f"present: {', '.join(rec)}")
+        t = next((rec[k] for k in text_keys if k in rec), "")
+        out.append((str(f), t if isinstance(t, str) else ""))
+    return out
 
 
-def read_captions(data_dir: str | Path) -> tuple[Path, list[tuple[str, str]]]:
-    """Return (images folder, [(file name, caption)]) for a dataset folder."""
+def _sidecar_records(images: Path, extension: str) -> list[tuple[str, str | None]]:
+    """(image, caption) for every image in the folder with its caption file beside it, kohya's layout
+    (`a.png` + `a.txt`); the caption is the file's first non-empty line, None when the file is missing."""
+    out = []
+    for path in sorted(images.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        cap = path.with_suffix(extension)
+        text = None
+        if cap.is_file():
+            lines = [line.strip() for line in cap.read_text(encoding="utf-8", errors="replace").splitlines()]
+            text = next((line for line in lines if line), "")
+        out.append((path.name, text))
+    return out
+
+
+def read_captions(data_dir: str | Path, caption_extension: str | None = None, image_column: str | None = None,
+                  caption_column: str | None = None) -> tuple[Path, list[tuple[str, str | None]]]:
+    """Return (images folder, [(file name, caption)]) for a dataset folder.
+
+    Looked for in the folder, its `images/` and its `train/` (a Hub imagefolder's split): captions.json,
+    metadata.jsonl, then caption files beside the images (`.txt`, `.caption`). `caption_extension` reads
+    only caption files with that extension. A caption is None where an image has no caption file.
+    """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: training data folder not found")
+    folders = [f for f in (data_dir, data_dir / "images", data_dir / "train") if f.is_dir()]
     images = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
-    for folder in (data_dir, images):
+    if caption_extension:
+        ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+        for folder in folders:
+            records = _sidecar_records(folder, ext)
+            if any(text is not None for _, text in records):
+                return folder, records
+        raise DataError(f"{data_dir}: no image with a {ext} caption file beside it (--caption_extension {ext})")
+    for folder in folders:
         cj, mj = folder / "captions.json", folder / "metadata.jsonl"
         if cj.exists():
             try:
-                return images, _records_from_json(json.loads(cj.read_text(encoding="utf-8")), cj)
+                obj = json.loads(cj.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{cj}: invalid JSON ({e})") from None
+            return (images if folder == data_dir else folder), _records_from_json(obj, cj, image_column,
+                                                                                   caption_column)
         if mj.exists():
             recs = []
             for n, line in enumerate(mj.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    recs += _records_from_json([json.loads(line)], Path(f"{mj}:{n}"))
+                    recs += _records_from_json([json.loads(line)], Path(f"{mj}:{n}"), image_column, caption_column)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{mj} line {n}: invalid JSON ({e})") from None
             return (mj.parent, recs)
-    raise DataError(f"{data_dir}: no captions.json or metadata.jsonl (in the folder or in images/)")
+    for folder in folders:
+        for ext in SIDECAR_EXTENSIONS:
+            records = _sidecar_records(folder, ext)
+            if any(text is not None for _, text in records):
+                return folder, records
+    raise DataError(f"{data_dir}: no captions: expected captions.json or metadata.jsonl (in the folder, images/ or "
+                    "train/), or a caption file beside each image (a.png + a.txt; --caption_extension for others)")
 
 
-def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list[str]]:
+def scan(data_dir: str | Path, strict: bool = False, caption_extension: str | None = None,
+         image_column: str | None = None, caption_column: str | None = None) -> tuple[list[Sample], list[str]]:
     """Check every entry up front: file exists, decodes fully, caption not empty.
 
     Returns (usable samples, one message per skipped entry). With `strict`, any problem raises.
+    The other arguments are `read_captions`'.
     """
-    images, records = read_captions(data_dir)
+    images, records = read_captions(data_dir, caption_extension, image_column, caption_column)
     good, problems = [], []
     seen: dict[str, str] = {}  # resolved file -> the name it was first listed under
     for name, caption in records:
@@ -105,6 +157,9 @@ def scan(data_dir: str | Path, strict: bool = False) -> tuple[list[Sample], list
                             else f"{name}: the same file as {first} (the first entry is used)")
             continue
         seen[key] = name
+        if caption is None:
+            problems.append(f"{name}: no caption file beside it ({Path(name).stem}.txt or --caption_extension)")
+            continue
         if not caption.strip():
             problems.append(f"{name}: empty caption")
             continue

@@ -33,7 +33,7 @@ def read_captions_file(folder: str | Path, images: ImageList) -> list[tuple[Path
         _, records = read_captions(folder)
     except DataError as e:
         raise ImageFolderError(f"{e}; CLIP score needs each image's prompt") from None
-    by_name = {Path(n).name: t for n, t in records}
+    by_name = {Path(n).name: t for n, t in records if t}
     out = [(p, by_name[p.name]) for p in images.paths if p.name in by_name]
     if not out:
         raise ImageFolderError(f"{folder}: none of the {len(records)} captions names a readable image "

@@ -33,47 +33,20 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
 from .cli import HelpFormatter, number
 from .errors import MlxSdError
+from .generate_folder import (CAPTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SETTINGS_FILE, GenerateError, Job,
+                              image_name, image_seed, parameters, plan, prepare, record, settings_of, write_captions)
 from .io import is_repo_id, write_text
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, save_png
 from .schedulers import SAMPLERS
 
-SETTINGS_FILE = "generation.json"
-CAPTIONS_FILE = "captions.json"
-
-
-class GenerateError(MlxSdError, ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    prompt: str
-    seed: int
-    prompt_index: int
-    image_index: int
-
-
-def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """The seed of one image, from the run seed and its place; independent of batching."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1)[0])
-
-
-def image_name(prompt_index: int, image_index: int) -> str:
-    return f"prompt{prompt_index:05d}_img{image_index:03d}.png"
-
-
-def plan(prompts: list[str], num_images_per_prompt: int, seed: int) -> list[Job]:
-    return [Job(image_name(p, i), prompt, image_seed(seed, p, i), p, i)
-            for p, prompt in enumerate(prompts) for i in range(num_images_per_prompt)]
+__all__ = ["CAPTIONS_FILE", "SETTINGS_FILE", "GenerateError", "Job", "build_parser", "image_name", "image_seed",
+           "main", "plan", "read_prompts", "run"]
+_parameters = parameters
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -148,86 +121,6 @@ def _check_model_arg(model: str) -> None:
                             "folder or a Hub repo id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
-# ----------------------------------------------------------------------------- output folder
-
-
-def _read_captions(out: Path) -> dict[str, dict]:
-    """{file: record} from captions.json: records as written here, or an older {file: prompt} mapping."""
-    path = out / CAPTIONS_FILE
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run "
-                            "(it is rebuilt from the images)") from None
-    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
-        return {k: {"file_name": k, "text": v} for k, v in data.items()}
-    if isinstance(data, list) and all(isinstance(r, dict) and isinstance(r.get("file_name"), str)
-                                      and isinstance(r.get("text"), str) for r in data):
-        return {r["file_name"]: r for r in data}
-    raise GenerateError(f"{path}: expected a list of {{file_name, text, seed}} records; is {out} another dataset?")
-
-
-def record(job: Job) -> dict:
-    return {"file_name": job.name, "text": job.prompt, "seed": job.seed}
-
-
-def write_captions(out: Path, images: Path, captions: dict[str, dict]) -> None:
-    """captions.json for every listed file that exists, sorted by name (prompt-major)."""
-    present = [captions[k] for k in sorted(captions) if (images / k).is_file()]
-    write_text(out / CAPTIONS_FILE, json.dumps(present, indent=1, ensure_ascii=False) + "\n")
-
-
-def _settings(args, loras: list[tuple[Path, float]]) -> dict:
-    model = Path(args.model).expanduser()
-    return {
-        "model": str(model.resolve()) if model.exists() else args.model,
-        "lora": [[str(p.resolve()), s] for p, s in loras],
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "sampler": args.sampler,
-        "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
-        "dtype": args.dtype,
-    }
-
-
-_ADDED = {"dtype": "float32"}  # settings added later, with the value older folders were made with
-
-
-def _check_settings(out: Path, settings: dict) -> None:
-    path = out / SETTINGS_FILE
-    if path.exists() and any((out / "images").glob("*.png")):
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = [f"{k}: {old.get(k, _ADDED.get(k))!r} -> {v!r}" for k, v in settings.items()
-                if old.get(k, _ADDED.get(k)) != v]
-        if diff:
-            raise GenerateError(
-                f"{out} holds images made with other settings:\n  " + "\n  ".join(diff)
-                + "\nRe-run with the old settings to resume, or use another --output_dir.")
-
-
-def _check_prompts(out: Path, existing: dict[str, dict], jobs: list[Job]) -> None:
-    wrong = [f"{j.name}: {existing[j.name]['text']!r} (now {j.prompt!r})"
-             for j in jobs if j.name in existing and existing[j.name]["text"] != j.prompt]
-    if wrong:
-        raise GenerateError(f"{out}: {len(wrong)} existing image(s) were made from other prompts, e.g.\n  "
-                            + "\n  ".join(wrong[:5]) + "\nUse the same prompts (same order) to resume, "
-                            "or another --output_dir.")
-
-
-def _parameters(job: Job, args) -> str:
-    """A1111-style text, so other tools show how the image was made."""
-    return (f"{job.prompt}\nNegative prompt: {args.negative_prompt}\n"
-            f"Steps: {args.steps}, Sampler: {args.sampler}, CFG scale: {args.guidance_scale}, "
-            f"Seed: {job.seed}, Size: {args.width}x{args.height}, Model: {args.model}"
-            + (f", Dtype: {args.dtype}" if args.dtype != "float32" else "")
-            + "".join(f", Lora: {spec}" for spec in args.lora))
-
-
 # ----------------------------------------------------------------------------- several ranks
 
 
@@ -299,23 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image width in pixels (multiple of 64 for SD1.5)")
     g.add_argument("--batch_size", type=number(int, min=1), default=1,
                    help="images per batch and rank (does not change the images)")
+    g = ap.add_argument_group("filtering")
+    g.add_argument("--clip_model", metavar="DIR",
+                   help="a converted CLIP model (python -m convert --feature-model clip SOURCE DIR): each image's "
+                        "CLIP score against its prompt is recorded in captions.json")
+    g.add_argument("--min_clip_score", type=number(float), default=None, metavar="SCORE",
+                   help="images scoring under SCORE (100 x cosine, e.g. 25) go to rejected/ with their score in "
+                        "rejected.json instead of images/; needs --clip_model")
     g = ap.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="folder for images/ and captions.json (a training set)")
     return ap
-
-
-def _prepare(args, out: Path, jobs: list[Job], settings: dict) -> tuple[dict[str, dict], set[str]]:
-    """Rank 0: check the output folder; returns (captions records, names already done)."""
-    if out.exists() and not out.is_dir() or (out / "images").exists() and not (out / "images").is_dir():
-        raise GenerateError(f"--output_dir {out}: a file is in the way; the output must be a folder path")
-    images = out / "images"
-    existing = _read_captions(out)
-    _check_prompts(out, existing, jobs)
-    _check_settings(out, settings)
-    done = {j.name for j in jobs if (images / j.name).is_file()}
-    captions = dict(existing)
-    captions.update({j.name: record(j) for j in jobs if j.name in done})
-    return captions, done
 
 
 def _load(args, loras):
@@ -345,14 +231,14 @@ def run(args, world: distributed.World | None = None) -> int:
     out = Path(args.output_dir).expanduser()
     images = out / "images"
     jobs = plan(prompts, args.num_images_per_prompt, args.seed)
-    settings = _settings(args, loras)
+    settings = settings_of(args, loras)
     _check_same_command(world, settings, jobs)
 
     # Everything that can be refused is checked before the output folder is touched.
     captions, done, error = {}, set(), None
     if world.main:
         try:
-            captions, done = _prepare(args, out, jobs, settings)
+            captions, done = prepare(args, out, jobs, settings)
         except MlxSdError as e:
             error = e
     _agree(world, error)
@@ -368,14 +254,20 @@ def run(args, world: distributed.World | None = None) -> int:
             print(f"all {len(jobs)} images already in {images}; nothing to do")
         return 0
 
-    sd, error = None, None
+    sd, clip, error = None, None, None
     try:
         sd = _load(args, loras)
+        if args.clip_model and world.main:  # rank 0 receives every image, so it alone scores them
+            from .clip_filter import ClipFilter
+
+            clip = ClipFilter(args.clip_model, args.min_clip_score)
     except MlxSdError as e:
         error = e
     _agree(world, error)
     if world.main:
         images.mkdir(parents=True, exist_ok=True)
+        if args.min_clip_score is not None:
+            (out / REJECTED_DIR).mkdir(exist_ok=True)
         for stale in [*images.glob(".*.tmp-*"), *out.glob(".*.tmp-*")]:  # left by a killed run
             stale.unlink(missing_ok=True)
         # Written once the model and adapters load, so a typo in --model does not pin the folder.
@@ -385,10 +277,10 @@ def run(args, world: distributed.World | None = None) -> int:
             print(f"resuming: {len(done)} of {len(jobs)} images already in {images}")
         if world.size > 1:
             print(f"{world.size} ranks: {len(todo)} images in global batches of {args.batch_size} x {world.size}")
-    return _make(args, world, sd, jobs, todo, captions, out)
+    return _make(args, world, sd, jobs, todo, captions, out, clip)
 
 
-def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out: Path) -> int:
+def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out: Path, clip=None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
@@ -403,7 +295,7 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     # rate: images/min (tqdm's own rate would flip to s/img below 1 img/s).
     bar = tqdm(total=len(jobs), initial=first, unit="img", desc="generating", dynamic_ncols=True,
                disable=not world.main, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-    made, t0 = 0, time.perf_counter()
+    made, aside, t0 = 0, 0, time.perf_counter()
     stop = _StopOnSigterm()
     try:
         for gb, local in zip(batches, stream):
@@ -412,12 +304,17 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
             else:
                 pixels = _gather(world, local, [len(gb[r * bs:(r + 1) * bs]) for r in range(world.size)])
             if world.main:
-                for job, px in zip(gb, pixels):
-                    save_png(Image.fromarray(px), images / job.name, _parameters(job, args))
-                    captions[job.name] = record(job)
+                scores = clip.scores(pixels, [j.prompt for j in gb]) if clip else [None] * len(gb)
+                for job, px, score in zip(gb, pixels, scores):
+                    keep = score is None or args.min_clip_score is None or score >= args.min_clip_score
+                    save_png(Image.fromarray(px), (images if keep else out / REJECTED_DIR) / job.name,
+                             parameters(job, args))
+                    captions[job.name] = record(job, score)
+                    aside += not keep
                 write_captions(out, images, captions)
             made += len(gb)
-            bar.set_postfix_str(f"{60 * made / (time.perf_counter() - t0):.2f} img/min", refresh=False)
+            bar.set_postfix_str(f"{60 * made / (time.perf_counter() - t0):.2f} img/min"
+                                + (f", {aside} set aside" if args.min_clip_score is not None else ""), refresh=False)
             bar.update(len(gb))
     except KeyboardInterrupt:
         bar.close()
@@ -449,6 +346,12 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     if world.main:
         print(f"made {made} images in {dt:.1f} s ({60 * made / dt:.2f} images/min); {len(jobs)} in {images}, "
               f"captions in {out / CAPTIONS_FILE}")
+        if args.min_clip_score is not None:
+            from .clip_filter import summary
+
+            print("\n".join(summary(list(captions.values()), args.min_clip_score)))
+            print(f"images under the threshold are kept in {out / REJECTED_DIR}, listed with their scores in "
+                  f"{out / REJECTED_FILE}")
     return 0
 
 
@@ -475,7 +378,11 @@ class _StopOnSigterm:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.min_clip_score is not None and not args.clip_model:
+        parser.error("--min_clip_score needs --clip_model DIR (a CLIP model converted with "
+                     "python -m convert --feature-model clip SOURCE DIR)")
     world = distributed.init()
     try:
         return run(args, world)

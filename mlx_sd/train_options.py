@@ -29,13 +29,37 @@ LOCAL_FLAGS = ("config", "pretrained_model_name_or_path", "train_data_dir", "out
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter,
-                                usage="%(prog)s --train_data_dir DIR [--output_dir DIR] [options] (see --help)")
+                                usage="%(prog)s (--train_data_dir DIR | --dataset_name USER/REPO) "
+                                      "[--output_dir DIR] [options] (see --help)")
     p.add_argument("--config", help="JSON file whose keys are flag names (without --); flags on the command line win")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="converted MLX folder, diffusers folder or Hub repo id (converted once into the cache)")
-    g.add_argument("--train_data_dir", help="folder with images/ and captions.json (or metadata.jsonl)")
+    g.add_argument("--train_data_dir",
+                   help="dataset folder: images with captions.json, metadata.jsonl or a caption file beside each image")
+    g.add_argument("--dataset_name", metavar="USER/REPO",
+                   help="a Hugging Face Hub dataset repo (imagefolder) instead of --train_data_dir; cached after the "
+                        "first download")
+    g.add_argument("--dataset_revision", default=None, help="branch, tag or commit of --dataset_name")
+    g.add_argument("--image_column", default=None,
+                   help="metadata key of the image file (default: file_name, image, file, ...; an imagefolder's "
+                        "'image' column is its file_name)")
+    g.add_argument("--caption_column", default=None,
+                   help="metadata key of the caption (default: text, caption, prompt)")
+    g.add_argument("--caption_extension", default=None, metavar="EXT",
+                   help="read captions from a file beside each image with this extension (kohya: .txt, .caption); "
+                        "default: captions.json / metadata.jsonl, else .txt or .caption files")
+    g.add_argument("--caption_dropout_rate", type=number(float, min=0, max=1, max_open=True), default=0.0,
+                   help="probability of training a step's image with the empty caption (the unconditional branch "
+                        "guidance uses; e.g. 0.05)")
+    g.add_argument("--shuffle_caption", action="store_true",
+                   help="shuffle each caption's comma-separated tags every step")
+    g.add_argument("--keep_tokens", type=number(int, min=0), default=0,
+                   help="with --shuffle_caption: the first N tags stay in place (e.g. a trigger word)")
+    g.add_argument("--caption_separator", default=",", help="what separates tags for --shuffle_caption")
+    g.add_argument("--max_train_samples", type=number(int, min=1), default=None,
+                   help="train on this many images, chosen by --seed (quick experiments)")
     g.add_argument("--output_dir", default="lora-output",
                    help="where checkpoints, validation images, logs and weights go")
     g.add_argument("--resolution", type=number(int, min=8), default=512,
@@ -162,8 +186,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"--config {pre.config}: {key}: {values[key]!r} is not one of {list(a.choices)}")
         p.set_defaults(**values)
     args = p.parse_args(argv)
-    if not args.train_data_dir:
-        p.error("--train_data_dir is required (a folder with images/ and captions.json)")
+    if not args.train_data_dir and not args.dataset_name:
+        p.error("--train_data_dir DIR (images and their captions) or --dataset_name USER/REPO (a Hub dataset) "
+                "is required")
+    if args.train_data_dir and args.dataset_name:
+        p.error("give --train_data_dir or --dataset_name, not both")
+    if args.keep_tokens and not args.shuffle_caption:
+        p.error("--keep_tokens applies with --shuffle_caption (it names the tags that are not shuffled)")
+    if not args.caption_separator:
+        p.error("--caption_separator must not be empty")
+    if args.dataset_revision and not args.dataset_name:
+        p.error("--dataset_revision applies to --dataset_name")
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} is not a multiple of 8 (SD1.x needs a multiple of 64: 256, 512, ...)")
     unknown = sorted(set(args.text_encoder_targets) - set(TEXT_ENCODER_ALLOWED))

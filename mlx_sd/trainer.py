@@ -4,8 +4,9 @@
 `EncodingBatches` encodes each one with the VAE and text encoder (--no_cache), decoding the next
 micro-batch's images while the current step runs. Both return `(epoch, mean, std, ctx)` for this
 rank's rows of global micro-batch `c`: posterior mean/std NHWC [b, h, w, 4], text embeddings
-[b, 77, D], or, when the text encoder trains (a `tokenizer` given, no text encoder), the token ids
-[b, 77] of `captions(c)`, which the train step embeds.
+[b, 77, D]; `captions(c)` gives that micro-batch's captions after caption dropout / tag shuffling.
+When the text encoder trains (`token_ids`, or no text encoder for `EncodingBatches`), the 4th item
+is instead the token ids [b, 77] of `captions(c)`, which the train step embeds.
 
 `Trainer` runs updates from a start step to the last: accumulation over micro-batches, NaN
 handling, metrics, checkpoints, validation, and a clean stop on SIGINT/SIGTERM (finish the step,
@@ -28,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .captions import CaptionVariants
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import BatchPlan, EncodedData, Sample, preprocess
 from .distributed import World
@@ -36,18 +38,45 @@ from .logs import FILE_ONLY
 logger = logging.getLogger("train")
 
 
-class CachedBatches:
-    """Micro-batches from the encoded dataset; `rows` is this rank's slice of the global batch."""
+def batch_captions(plan: BatchPlan, rows: slice, captions: list[str], variants: CaptionVariants, c: int) -> list[str]:
+    """This rank's captions of global micro-batch `c`, after the per-step variants (`mlx_sd.captions`)."""
+    _, idx, _ = plan(c)
+    return variants.for_batch([captions[i] for i in idx[rows]], plan.seed, c, rows.start or 0)
 
-    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData, samples: list[Sample] | None = None,
-                 tokenizer=None):
+
+class CachedBatches:
+    """Micro-batches from the encoded dataset; `rows` is this rank's slice of the global batch.
+
+    With caption variants, the text embeddings change per step: caption dropout alone needs only the
+    empty caption's embedding (computed once, the rest stay cached); tag shuffling encodes the drawn
+    captions every step, so the text encoder stays loaded (`text_encoder`, `tokenizer`).
+    """
+
+    def __init__(self, plan: BatchPlan, rows: slice, data: EncodedData, captions: list[str] | None = None,
+                 variants: CaptionVariants = CaptionVariants(), text_encoder=None, tokenizer=None,
+                 token_ids: bool = False):
         self.plan, self.rows, self.data = plan, rows, data
-        self.samples, self.tokenizer = samples, tokenizer
+        self.sample_captions, self.variants = captions, variants
+        self.text_encoder, self.tokenizer, self.empty = text_encoder, tokenizer, None
+        self.token_ids = token_ids
+        if variants.active and not variants.shuffle and not token_ids:
+            self.empty = np.array(text_encoder(mx.array(tokenizer([""]))))[0]
+            self.text_encoder = None  # the rest is cached
 
     def captions(self, c: int) -> list[str]:
-        """The captions of this rank's rows of micro-batch `c`."""
-        _, idx, _ = self.plan(c)
-        return [self.samples[i].caption for i in idx[self.rows]]
+        return batch_captions(self.plan, self.rows, self.sample_captions, self.variants, c)
+
+    def text(self, c: int, idx: np.ndarray) -> mx.array:
+        if self.token_ids:  # the text encoder trains: the step embeds them
+            return mx.array(self.tokenizer(self.captions(c)))
+        d = self.data
+        if not self.variants.active:
+            return mx.array(d.text[d.caption_index[idx]])
+        caps = self.captions(c)
+        if self.empty is not None:
+            dropped = np.array([not cap for cap in caps])[:, None, None]
+            return mx.array(np.where(dropped, self.empty, d.text[d.caption_index[idx]]))
+        return self.text_encoder(mx.array(self.tokenizer(caps)))
 
     def __call__(self, c: int):
         epoch, idx, flips = self.plan(c)
@@ -58,9 +87,7 @@ class CachedBatches:
             mirrored = flips[:, None, None, None]
             mean = np.where(mirrored, d.mean_flip[idx], mean)
             std = np.where(mirrored, d.std_flip[idx], std)
-        if self.tokenizer is not None:
-            return epoch, mx.array(mean), mx.array(std), mx.array(self.tokenizer(self.captions(c)))
-        return epoch, mx.array(mean), mx.array(std), mx.array(d.text[d.caption_index[idx]])
+        return epoch, mx.array(mean), mx.array(std), self.text(c, idx)
 
     def close(self) -> None:
         pass
@@ -70,8 +97,8 @@ class EncodingBatches:
     """Micro-batches encoded every step, as the original script did (needed for random crops)."""
 
     def __init__(self, plan: BatchPlan, rows: slice, samples: list[Sample], resolution: int, center_crop: bool,
-                 vae, text_encoder, tokenizer):
-        self.plan, self.rows, self.samples = plan, rows, samples
+                 vae, text_encoder, tokenizer, variants: CaptionVariants = CaptionVariants()):
+        self.plan, self.rows, self.samples, self.variants = plan, rows, samples, variants
         self.resolution, self.center_crop = resolution, center_crop
         self.encode_image = mx.compile(lambda x: vae.encode(x))
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -87,13 +114,8 @@ class EncodingBatches:
                                     np.random.default_rng([self.plan.seed, c, 2, first + j]))
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 
-    def captions(self, c: int) -> list[str]:
-        """The captions of this rank's rows of micro-batch `c`."""
-        _, idx, _ = self.plan(c)
-        return [self.samples[i].caption for i in idx[self.rows]]
-
     def __call__(self, c: int):
-        epoch, idx, _ = self.plan(c)
+        epoch = self.plan.epoch_of(c)
         # Decoding the next micro-batch's images overlaps this one's step (PIL releases the GIL).
         future = self.next[1] if self.next and self.next[0] == c else self.loader.submit(self.pixels, c)
         px = future.result()
@@ -102,6 +124,9 @@ class EncodingBatches:
         ids = mx.array(self.tokenizer(self.captions(c)))
         ctx = ids if self.text_encoder is None else self.text_encoder(ids)  # None: the text encoder trains
         return epoch, mean, mx.exp(0.5 * logvar), ctx
+
+    def captions(self, c: int) -> list[str]:
+        return batch_captions(self.plan, self.rows, [s.caption for s in self.samples], self.variants, c)
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)

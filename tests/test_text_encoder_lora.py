@@ -408,3 +408,27 @@ def test_two_ranks_train_both_adapters_as_one_process(tiny_mlx_dir, te_dataset, 
             print(f"{part} {w}: relative L2 difference {rel:.2e}")
             assert rel <= 1e-5, (part, w)
     np.testing.assert_allclose([losses(two)[s] for s in (1, 2, 3)], [losses(one)[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_batches_bring_the_token_ids_of_the_caption_variants(tiny_mlx_dir):
+    """When the text encoder trains, both batch sources hand the step the token ids of `captions(c)`,
+    i.e. of the captions after caption dropout and tag shuffling, and the cached one needs no text."""
+    from mlx_sd.captions import CaptionVariants
+    from mlx_sd.data import BatchPlan, EncodedData
+    from mlx_sd.trainer import CachedBatches
+
+    tok = ModelFolder(tiny_mlx_dir).tokenizer()
+    captions = [f"a photo, {c} shoes, on white background, product photography" for c in
+                ("black", "brown", "white", "blue")]
+    plan = BatchPlan(4, 2, seed=7, flip=False)
+    data = EncodedData(np.zeros((4, 2, 2, 4), np.float32), np.ones((4, 2, 2, 4), np.float32),
+                       np.zeros((0,), np.float32), np.zeros(4, np.int64))
+    batches = CachedBatches(plan, slice(0, 2), data, captions, CaptionVariants(0.5, True, 1), None, tok,
+                            token_ids=True)
+    seen = set()
+    for c in range(6):
+        _, _, _, ids = batches(c)
+        caps = batches.captions(c)
+        assert np.array_equal(np.array(ids), tok(caps))
+        seen.update(caps)
+    assert "" in seen and any(cap not in captions and cap for cap in seen)  # dropped and shuffled variants

@@ -247,7 +247,7 @@ def _folder_items(root: Root) -> tuple[Item, ...]:
     for name, caption in records:
         rel = os.path.relpath(images / name, root.path)
         path = root.path / rel
-        if Path(name).suffix.lower() not in IMAGE_SUFFIXES or not caption.strip() or not path.is_file():
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES or not (caption or "").strip() or not path.is_file():
             continue
         seed = _png_seed(path) if path.suffix.lower() == ".png" else None
         items.append(Item(root.id, rel, caption.strip(), seed))

@@ -1,0 +1,163 @@
+"""The output folder of `mlx-sd-generate`: which images exist, their records, and the settings.
+
+`images/` holds accepted images, `rejected/` those under --min_clip_score (kept, not deleted);
+`captions.json` lists the accepted ones and `rejected.json` the others, each as
+`{"file_name", "text", "seed"[, "clip_score"]}`; `generation.json` holds the settings that shape the
+images, so a re-run with other settings is refused instead of mixing two datasets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MlxSdError
+from .io import write_text
+
+SETTINGS_FILE = "generation.json"
+CAPTIONS_FILE = "captions.json"
+REJECTED_FILE = "rejected.json"
+REJECTED_DIR = "rejected"
+
+
+class GenerateError(MlxSdError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    prompt: str
+    seed: int
+    prompt_index: int
+    image_index: int
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of one image, from the run seed and its place; independent of batching."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1)[0])
+
+
+def image_name(prompt_index: int, image_index: int) -> str:
+    return f"prompt{prompt_index:05d}_img{image_index:03d}.png"
+
+
+def plan(prompts: list[str], num_images_per_prompt: int, seed: int) -> list[Job]:
+    return [Job(image_name(p, i), prompt, image_seed(seed, p, i), p, i)
+            for p, prompt in enumerate(prompts) for i in range(num_images_per_prompt)]
+
+
+def _read_records(out: Path, name: str) -> dict[str, dict]:
+    """{file: record} from a records file: records as written here, or an older {file: prompt} mapping."""
+    path = out / name
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"{path}: invalid JSON ({e}); delete it and re-run "
+                            "(it is rebuilt from the images)") from None
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        return {k: {"file_name": k, "text": v} for k, v in data.items()}
+    if isinstance(data, list) and all(isinstance(r, dict) and isinstance(r.get("file_name"), str)
+                                      and isinstance(r.get("text"), str) for r in data):
+        return {r["file_name"]: r for r in data}
+    raise GenerateError(f"{path}: expected a list of {{file_name, text, seed}} records; is {out} another dataset?")
+
+
+def read_captions(out: Path) -> dict[str, dict]:
+    """Every image's record, accepted (captions.json) and set aside (rejected.json)."""
+    return {**_read_records(out, REJECTED_FILE), **_read_records(out, CAPTIONS_FILE)}
+
+
+def record(job: Job, clip_score: float | None = None) -> dict:
+    r = {"file_name": job.name, "text": job.prompt, "seed": job.seed}
+    if clip_score is not None:
+        r["clip_score"] = round(float(clip_score), 4)
+    return r
+
+
+def _write_records(out: Path, folder: Path, name: str, records: dict[str, dict]) -> None:
+    present = [records[k] for k in sorted(records) if (folder / k).is_file()]
+    write_text(out / name, json.dumps(present, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_captions(out: Path, images: Path, captions: dict[str, dict]) -> None:
+    """captions.json for every listed file in images/, sorted by name (prompt-major); rejected.json
+    likewise for rejected/ (only once it exists)."""
+    _write_records(out, images, CAPTIONS_FILE, captions)
+    if (out / REJECTED_DIR).is_dir():
+        _write_records(out, out / REJECTED_DIR, REJECTED_FILE, captions)
+
+
+def is_done(out: Path, name: str) -> bool:
+    """An image is done once its PNG is in images/ or, under the CLIP filter, in rejected/."""
+    return (out / "images" / name).is_file() or (out / REJECTED_DIR / name).is_file()
+
+
+def settings_of(args, loras: list[tuple[Path, float]]) -> dict:
+    model = Path(args.model).expanduser()
+    return {
+        "model": str(model.resolve()) if model.exists() else args.model,
+        "lora": [[str(p.resolve()), s] for p, s in loras],
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "sampler": args.sampler,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "dtype": args.dtype,
+        "min_clip_score": args.min_clip_score,
+        "clip_model": str(Path(args.clip_model).expanduser().resolve()) if args.clip_model else None,
+    }
+
+
+# Settings added later, with the value older folders were made with.
+_ADDED = {"dtype": "float32", "min_clip_score": None, "clip_model": None}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    path = out / SETTINGS_FILE
+    if path.exists() and (any((out / "images").glob("*.png")) or any((out / REJECTED_DIR).glob("*.png"))):
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"{k}: {old.get(k, _ADDED.get(k))!r} -> {v!r}" for k, v in settings.items()
+                if old.get(k, _ADDED.get(k)) != v]
+        if diff:
+            raise GenerateError(
+                f"{out} holds images made with other settings:\n  " + "\n  ".join(diff)
+                + "\nRe-run with the old settings to resume, or use another --output_dir.")
+
+
+def check_prompts(out: Path, existing: dict[str, dict], jobs: list[Job]) -> None:
+    wrong = [f"{j.name}: {existing[j.name]['text']!r} (now {j.prompt!r})"
+             for j in jobs if j.name in existing and existing[j.name]["text"] != j.prompt]
+    if wrong:
+        raise GenerateError(f"{out}: {len(wrong)} existing image(s) were made from other prompts, e.g.\n  "
+                            + "\n  ".join(wrong[:5]) + "\nUse the same prompts (same order) to resume, "
+                            "or another --output_dir.")
+
+
+def parameters(job: Job, args) -> str:
+    """A1111-style text, so other tools show how the image was made."""
+    return (f"{job.prompt}\nNegative prompt: {args.negative_prompt}\n"
+            f"Steps: {args.steps}, Sampler: {args.sampler}, CFG scale: {args.guidance_scale}, "
+            f"Seed: {job.seed}, Size: {args.width}x{args.height}, Model: {args.model}"
+            + (f", Dtype: {args.dtype}" if args.dtype != "float32" else "")
+            + "".join(f", Lora: {spec}" for spec in args.lora))
+
+
+def prepare(args, out: Path, jobs: list[Job], settings: dict) -> tuple[dict[str, dict], set[str]]:
+    """Rank 0: check the output folder; returns (captions records, names already done)."""
+    if out.exists() and not out.is_dir() or (out / "images").exists() and not (out / "images").is_dir():
+        raise GenerateError(f"--output_dir {out}: a file is in the way; the output must be a folder path")
+    existing = read_captions(out)
+    check_prompts(out, existing, jobs)
+    check_settings(out, settings)
+    done = {j.name for j in jobs if is_done(out, j.name)}
+    captions = dict(existing)
+    captions.update({j.name: {**record(j), **existing.get(j.name, {})} for j in jobs if j.name in done})
+    return captions, done
