@@ -432,3 +432,24 @@ def test_batches_bring_the_token_ids_of_the_caption_variants(tiny_mlx_dir):
         assert np.array_equal(np.array(ids), tok(caps))
         seen.update(caps)
     assert "" in seen and any(cap not in captions and cap for cap in seen)  # dropped and shuffled variants
+
+
+def test_validation_val_loss_and_fused_pipeline_use_the_trained_text_encoder(tiny_mlx_dir, te_dataset, tmp_path):
+    """Validation images and val_loss run with the text encoder being trained; the fused model folder
+    holds the text encoder with its LoRA fused in (== base + the exported adapter)."""
+    out = tmp_path / "run"
+    assert _run("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", te_dataset, "--output_dir", out,
+                "--max_train_steps", 2, "--checkpointing_steps", 0, *[a for a in TRAIN if a != "--no_validation"],
+                "--validation_split", 0.25, "--validation_steps", 1, "--validation_prompts", "blue casual shoes",
+                "--num_validation_images", 1, "--validation_inference_steps", 2, "--save_fused_pipeline") == 0
+    recs = _metrics(out)
+    assert [r["step"] for r in recs if "val_loss" in r] == [1, 2] and all(np.isfinite(r["val_loss"]) for r in recs
+                                                                          if "val_loss" in r)
+    assert len(list((out / "validation").glob("*_step0001_grid.png"))) == 1
+    folder = ModelFolder(tiny_mlx_dir)
+    base = folder.text_encoder()
+    apply_adapter(folder.unet(), load_adapter(out / "lora_weights"), text_encoder=base)
+    ids = mx.array(_ids(folder))
+    fused = ModelFolder(out / "final_pipeline").text_encoder()
+    assert rel_err(np.array(fused(ids)), np.array(base(ids))) <= 1e-5
+    assert rel_err(np.array(fused(ids)), np.array(folder.text_encoder()(ids))) > 1e-6  # the LoRA is in it
