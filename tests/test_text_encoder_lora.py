@@ -124,6 +124,8 @@ def test_matches_peft_on_transformers(targets, tiny_mlx_dir, tiny_diffusers_dir)
     ref.eval()
     with torch.no_grad():
         want = ref(torch.from_numpy(_ids(folder).astype(np.int64))).last_hidden_state.numpy()
+    print(f"PEFT CLIPTextModel, targets {' '.join(targets)}: embeddings rel_err {rel_err(ours, want):.2e} "
+          f"(LoRA moves them by {rel_err(ours, base):.2e})")
     assert rel_err(ours, base) > 1e-2  # the adapter really changes the embeddings
     assert rel_err(ours, want) <= TOL
 
@@ -143,6 +145,8 @@ def test_diffusers_loads_our_file(fmt, trained_pair, tiny_diffusers_dir, tmp_pat
     pipe.load_lora_weights(str(tmp_path), weight_name=DIFFUSERS_WEIGHTS if fmt == "diffusers" else KOHYA_WEIGHTS)
     ctx, out = _mlx_outputs(folder, unet, te)
     want_ctx, want_out = _torch_outputs(folder, pipe.unet, pipe.text_encoder)
+    print(f"diffusers load_lora_weights, {fmt} file: embeddings rel_err {rel_err(ctx, want_ctx):.2e}, "
+          f"UNet output {rel_err(out, want_out):.2e} (LoRA moves the embeddings by {rel_err(ctx, base_ctx):.2e})")
     assert rel_err(ctx, base_ctx) > 1e-2
     assert rel_err(ctx, want_ctx) <= TOL, "text embeddings"
     assert rel_err(out, want_out) <= TOL, "UNet output on those embeddings"
@@ -162,6 +166,8 @@ def test_peft_loads_our_folders(trained_pair, tiny_diffusers_dir, tmp_path):
     peft_te = PeftModel.from_pretrained(_torch_text_encoder(tiny_diffusers_dir), str(tmp_path / TEXT_ENCODER_DIR))
     ctx, out = _mlx_outputs(folder, unet, te)
     want_ctx, want_out = _torch_outputs(folder, peft_unet, peft_te.eval())
+    print(f"PEFT folders (UNet + text_encoder/): embeddings rel_err {rel_err(ctx, want_ctx):.2e}, "
+          f"UNet output {rel_err(out, want_out):.2e}")
     assert rel_err(ctx, want_ctx) <= TOL, "text embeddings"
     assert rel_err(out, want_out) <= TOL, "UNet output on those embeddings"
 
