@@ -24,6 +24,7 @@ LAYERS = {
     "mlx_sd.metrics.cli": 2,
     "mlx_sd.studio": 2,
     "mlx_sd.data": 2,
+    "mlx_sd.buckets": 2,
     "mlx_sd.training": 2,
     "mlx_sd.trainer": 2,
     "mlx_sd.train_options": 2,
