@@ -271,3 +271,23 @@ def test_validation_size_and_square_heldout_loss(tiny_mlx_dir, dataset, tmp_path
     held = np.load(next((tmp_path / "run" / "cache").glob("encoded-heldout-*.npz")))
     assert held["mean"].shape[1:] == (16, 16, 4)  # 128 x 128: square, whatever the buckets
     assert "val_loss" in "".join((d / "metrics.jsonl").read_text() for d in (tmp_path / "run" / "logs").iterdir())
+
+
+def test_two_ranks_train_what_one_process_trains_with_buckets(straight, tiny_mlx_dir, dataset, tmp_path):
+    """mlx.launch, 2 ranks x batch 1 on loopback: the same global batches (one bucket each) as 1 x batch 2."""
+    from test_distributed import LAUNCHER, TOL, _train_cmd, adapter_difference, launch
+
+    if not LAUNCHER.exists():
+        pytest.skip("mlx.launch is not installed next to this python")
+    ref, _ = straight
+    out = tmp_path / "two"
+    cmd = _train_cmd("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, *COMMON,
+                     "--train_batch_size", 1, "--output_dir", out)
+    log = launch(cmd)
+    assert "done: 8 steps" in log and "global batch 1 x 2 accumulation x 2 ranks" in log, log
+    assert log.count("aspect-ratio buckets (5 used; global batch 2):") == 1  # the same table, printed by rank 0
+    assert adapter_difference(ref / "lora_weights", out / "lora_weights", "buckets: 2 ranks x 1 vs 1 x 2") <= TOL
+    want, got = _metrics(ref), _metrics(out)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose([got[s]["loss"] for s in range(1, 9)], [want[s]["loss"] for s in range(1, 9)],
+                               rtol=1e-5)
