@@ -96,9 +96,10 @@ def test_each_image_goes_to_the_bucket_nearest_its_ratio(tmp_path):
 
 
 def test_printed_table_and_plan():
-    of = np.array([0] * 5 + [1] * 2 + [2] * 1)
-    b = Buckets.__new__(Buckets)
-    b.table, b.of = [(64, 192), (128, 128), (192, 64)], of
+    b = Buckets([(64, 192)] * 5 + [(100, 100)] * 2 + [(190, 60)], 128, 64, 256, 64)
+    assert b.table == [(64, 192), (128, 128), (192, 64)]  # only the buckets in use
+    of = b.of
+    assert of.tolist() == [0] * 5 + [1] * 2 + [2]
     lines = b.describe(2)
     print("\n".join(lines))
     assert lines[2].split()[:6] == ["64", "x", "192", "0.33", "5", "3"] and "(1 image(s)" in lines[2]
@@ -144,7 +145,7 @@ def test_flag_checks(tiny_mlx_dir, tmp_path, capsys):
 BUCKETS = ["--resolution", 128, "--enable_bucket", "--min_bucket_reso", 64, "--max_bucket_reso", 256]
 COMMON = [*BUCKETS, "--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--random_flip",
           "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", 1e-3, "--lora_dropout", 0.1,
-          "--no_validation", "--seed", 11, "--max_train_steps", 8, "--checkpointing_steps", 4]
+          "--no_validation", "--seed", 11, "--max_train_steps", 6, "--checkpointing_steps", 3]
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +208,8 @@ def test_bucketed_run_batches_one_bucket_each_and_caches_per_bucket(straight, da
         (nw, nh), box = cover_crop((w, h), (bw, bh))
         assert tuple(data.crop_ltrb[i]) == box and box[2] <= nw and box[3] <= nh
     assert "mean" not in enc.files  # no square latents at all
-    # 8 updates x 2 micro-batches, every one a single bucket of the full global batch.
-    assert [c for c, *_ in shapes] == list(range(16))
+    # 6 updates x 2 micro-batches (two epochs of 6), every one a single bucket of the full global batch.
+    assert [c for c, *_ in shapes] == list(range(12))
     for c, mean_shape, std_shape, idx in shapes:
         assert len({data.bucket[i] for i in idx}) == 1, (c, idx)
         w, h = table[data.bucket[idx[0]]]
@@ -242,20 +243,20 @@ def test_sigkilled_bucketed_run_resumes_exactly(straight, tiny_mlx_dir, dataset,
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--no_progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-4").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "checkpoints" / "checkpoint-3").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert int(latest_checkpoint(out / "checkpoints").name.split("-")[1]) >= 4
+    assert int(latest_checkpoint(out / "checkpoints").name.split("-")[1]) >= 3
     assert run_train(*args, "--resume_from_checkpoint", "latest") == 0
     a, b = _adapter(ref), _adapter(out)
     assert sorted(a) == sorted(b)
     for k in a:
         assert np.array_equal(a[k], b[k]), k  # bit-identical
     want, got = _metrics(ref), _metrics(out)
-    assert sorted(got) == list(range(1, 9))
-    assert all(got[s]["loss"] == want[s]["loss"] and got[s]["lr"] == want[s]["lr"] for s in range(1, 9))
+    assert sorted(got) == list(range(1, 7))
+    assert all(got[s]["loss"] == want[s]["loss"] and got[s]["lr"] == want[s]["lr"] for s in range(1, 7))
 
 
 def test_validation_size_and_square_heldout_loss(tiny_mlx_dir, dataset, tmp_path):
@@ -284,10 +285,10 @@ def test_two_ranks_train_what_one_process_trains_with_buckets(straight, tiny_mlx
     cmd = _train_cmd("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, *COMMON,
                      "--train_batch_size", 1, "--output_dir", out)
     log = launch(cmd)
-    assert "done: 8 steps" in log and "global batch 1 x 2 accumulation x 2 ranks" in log, log
+    assert "done: 6 steps" in log and "global batch 1 x 2 accumulation x 2 ranks" in log, log
     assert log.count("aspect-ratio buckets (5 used; global batch 2):") == 1  # the same table, printed by rank 0
     assert adapter_difference(ref / "lora_weights", out / "lora_weights", "buckets: 2 ranks x 1 vs 1 x 2") <= TOL
     want, got = _metrics(ref), _metrics(out)
-    assert sorted(got) == list(range(1, 9))
-    np.testing.assert_allclose([got[s]["loss"] for s in range(1, 9)], [want[s]["loss"] for s in range(1, 9)],
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s]["loss"] for s in range(1, 7)], [want[s]["loss"] for s in range(1, 7)],
                                rtol=1e-5)
