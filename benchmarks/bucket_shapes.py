@@ -84,6 +84,7 @@ for c, (w, h) in enumerate(order):
     if (c + 1) % n_per_pass == 0:
         per_pass.append({"active_gb": mx.get_active_memory() / 1e9, "cache_gb": mx.get_cache_memory() / 1e9,
                          "rss_gb": rss_now_gb()})
+        print(f"{mode} pass {len(per_pass)}: {json.dumps(per_pass[-1])}", file=sys.stderr, flush=True)
 print(json.dumps({"shapes": {k: {"first_s": v["first"], "median_s": statistics.median(v["later"]) if v["later"]
                                  else None, "n": 1 + len(v["later"])} for k, v in times.items()},
                   "per_pass": per_pass, "peak_gb": mx.get_peak_memory() / 1e9, "peak_rss_gb": peak_rss_gb(),
@@ -92,10 +93,11 @@ print(json.dumps({"shapes": {k: {"first_s": v["first"], "median_s": statistics.m
 
 
 def run(*args) -> dict:
-    out = subprocess.run([sys.executable, "-c", WORKER, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+    # stderr passes through: one line per pass shows progress (and what was measured if the run is cut short).
+    out = subprocess.run([sys.executable, "-c", WORKER, *map(str, args)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
-        return {"error": " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:])}
+        return {"error": f"the worker exited with {out.returncode} (its messages are above)"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
