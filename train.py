@@ -33,6 +33,7 @@ from convert.model import resolve_model
 from lora import LoRAConfig, inject_lora, text_encoder_predicate, trainable_count
 from lora.formats import adapter_from_model, export_adapter, save_fused_model
 from mlx_sd import blas, device, distributed, memory
+from mlx_sd.buckets import BucketPlan, Buckets
 from mlx_sd.captions import CaptionVariants
 from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from mlx_sd.config import ConfigError
@@ -123,18 +124,21 @@ def load_inputs(args, run: Run) -> Inputs:
         run.say(f"held out for val_loss: {len(held)} images; training on {len(samples)}")
     folder = ModelFolder(resolve_model(args.pretrained_model_name_or_path))
     check_resolution(args.resolution, folder)
+    for flag in ("validation_width", "validation_height") + (("bucket_reso_steps",) if args.enable_bucket else ()):
+        if getattr(args, flag) is not None:
+            check_resolution(getattr(args, flag), folder, flag)
     scaling = float(folder.config("vae").get("scaling_factor", 0.18215))
     return Inputs(samples, folder, NoiseSchedule(folder.scheduler_config()), folder.tokenizer(), scaling, held)
 
 
-def check_resolution(resolution: int, folder: ModelFolder) -> None:
+def check_resolution(resolution: int, folder: ModelFolder, flag: str = "resolution") -> None:
     """The VAE's and the UNet's downsamplings must divide the size evenly; say which sizes work."""
     vae = 2 ** (len(folder.config("vae").get("block_out_channels", [0] * 4)) - 1)
     unet = 2 ** (len(folder.config("unet").get("block_out_channels", [0] * 4)) - 1)
     if resolution % (vae * unet):
         m = vae * unet
         lower, upper = max(m, resolution // m * m), (resolution // m + 1) * m
-        raise ConfigError(f"--resolution {resolution}: this model needs a multiple of {m} (the VAE divides by "
+        raise ConfigError(f"--{flag} {resolution}: this model needs a multiple of {m} (the VAE divides by "
                           f"{vae}, the UNet by {unet} more); e.g. {lower} or {upper}")
 
 
@@ -158,7 +162,19 @@ def total_steps(args, plan: BatchPlan) -> int:
     return DEFAULT_STEPS
 
 
-def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
+def batch_plan(args, world, run: Run, inputs: Inputs) -> tuple[BatchPlan | BucketPlan, Buckets | None]:
+    """Which samples each global micro-batch holds; with --enable_bucket, one aspect-ratio bucket per batch."""
+    batch = args.train_batch_size * world.size
+    if not args.enable_bucket:
+        return BatchPlan(len(inputs.samples), batch, args.seed, args.random_flip), None
+    buckets = Buckets.of_files([s.path for s in inputs.samples], args.resolution, args.min_bucket_reso,
+                               args.max_bucket_reso, args.bucket_reso_steps)
+    for line in buckets.describe(batch):
+        run.say(line)
+    return BucketPlan(buckets.of, batch, args.seed, args.random_flip), buckets
+
+
+def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan, buckets: Buckets | None = None):
     """Encode the dataset once (cached by content), or keep the encoders for per-step encoding."""
     folder = inputs.folder
     b = args.train_batch_size
@@ -168,13 +184,15 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan):
                                args.caption_separator)
     if args.no_cache:
         return EncodingBatches(plan, rows, inputs.samples, args.resolution, args.center_crop,
-                               folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer, variants)
+                               folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer, variants,
+                               sizes=buckets.sizes() if buckets else None)
+    bucket_key = (args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) if buckets else ()
     key = dataset_fingerprint(inputs.samples, folder.path.resolve(), (folder.path / MARKER).stat().st_mtime_ns,
-                              args.resolution, args.random_flip)
+                              args.resolution, args.random_flip, *bucket_key)
     with stop_on_signal("encoding the dataset", "nothing was cached yet; the next run encodes it again"):
         data = load_or_encode(run.out / "cache", key, inputs.samples, args.resolution, args.random_flip,
                               folder.vae, None if text else folder.text_encoder, inputs.tokenizer,
-                              progress=run.progress)
+                              progress=run.progress, buckets=buckets.arrays() if buckets else None)
     mx.clear_cache()
     if variants.active:
         run.say(f"caption variants: dropout {variants.dropout:g}" + (
@@ -270,7 +288,8 @@ def validator(args, run: Run, inputs: Inputs, unet, metrics=None, text_encoder=N
             run_validation(inputs.folder, unet, inputs.tokenizer, prompts, run.out / "validation", epoch, step,
                            args.num_validation_images, args.validation_inference_steps, args.validation_sampler,
                            args.validation_guidance_scale, args.seed, args.resolution, progress=run.progress,
-                           dtype=args.validation_dtype, text_encoder=text_encoder)
+                           dtype=args.validation_dtype, text_encoder=text_encoder, width=args.validation_width,
+                           height=args.validation_height)
 
     return validate
 
@@ -317,9 +336,9 @@ def train(args, world: distributed.World, run: Run) -> int:
         write_text(run.logs / "config.json", json.dumps(run_config, indent=2) + "\n")
     check_ranks(args, world, run, inputs)
 
-    plan = BatchPlan(len(inputs.samples), args.train_batch_size * world.size, args.seed, args.random_flip)
+    plan, buckets = batch_plan(args, world, run, inputs)
     max_steps = total_steps(args, plan)
-    batches = micro_batches(args, world.rank, run, inputs, plan)
+    batches = micro_batches(args, world.rank, run, inputs, plan, buckets)
     unet = build_unet(args, run, inputs.folder, lora_cfg)
     text_encoder = build_text_encoder(args, run, inputs.folder, lora_cfg)
 
@@ -347,7 +366,7 @@ def train(args, world: distributed.World, run: Run) -> int:
             def validation_peak():
                 return measure_peak_gb(inputs.folder, unet, inputs.tokenizer, validation_prompts(args),
                                        args.num_validation_images, args.validation_guidance_scale, args.resolution,
-                                       args.validation_sampler)
+                                       args.validation_sampler, args.validation_width, args.validation_height)
             return setup_check(trainer, unet, max_steps, run.say, args, None if args.no_validation else validation_peak)
         step, status = trainer.run(start_step)
         if status is None and run.main:

@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -193,24 +194,42 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess(path: Path, resolution: int, center_crop: bool = True, flip: bool = False,
-               rng: np.random.Generator | None = None) -> np.ndarray:
-    """Image file -> [resolution, resolution, 3] float32 in [-1, 1].
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels as `to_rgb` will see the image: EXIF rotations swap the sides."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
-    Shorter side resized to `resolution` (bilinear, as the diffusers training scripts do),
-    then a center (or random) square crop, optionally mirrored.
+
+def cover_crop(size: tuple[int, int], target: tuple[int, int],
+               rng: np.random.Generator | None = None) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resize `size` (w, h) to cover `target` (w, h), keeping its aspect ratio, then crop to `target`.
+
+    Returns (resized (w, h), crop box (left, top, right, bottom) in resized pixels): centered, or
+    at random offsets drawn from `rng`.
+    """
+    (w, h), (tw, th) = size, target
+    s = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+    if rng is None:
+        left, top = (nw - tw) // 2, (nh - th) // 2
+    else:
+        left, top = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
+    return (nw, nh), (left, top, left + tw, top + th)
+
+
+def preprocess(path: Path, resolution: int, center_crop: bool = True, flip: bool = False,
+               rng: np.random.Generator | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Image file -> [height, width, 3] float32 in [-1, 1]; `size` (w, h), or a square of `resolution`.
+
+    Resized (bilinear, as the diffusers training scripts do) so it covers the size, then a center
+    (or random) crop, optionally mirrored.
     """
     with Image.open(path) as im:
         im = to_rgb(im)
-    w, h = im.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    if center_crop or rng is None:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
-    im = im.crop((left, top, left + resolution, top + resolution))
+    resized, box = cover_crop(im.size, size or (resolution, resolution), None if center_crop else rng)
+    im = im.resize(resized, Image.BILINEAR).crop(box)
     x = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return x[:, ::-1] if flip else x
 
@@ -271,14 +290,76 @@ class EncodedData:
 
     `mean`/`std` are [N, h, w, 4] (and `mean_flip`/`std_flip` for the mirrored images when
     flipping), `text` is [U, 77, D] for the U unique captions, `caption_index` maps sample -> row.
+
+    With aspect-ratio buckets, sample i is `bucket[i]`'s size (`bucket_size` [K, 2], width and
+    height in pixels) and the latent arrays are lists with one [n_k, h_k, w_k, 4] array per bucket
+    (rows in sample order; stored as `mean.<k>` ... in the npz). `original_size` [N, 2] (w, h) and
+    `crop_ltrb` [N, 4] (the crop box in the resized image's pixels) record each image's geometry.
     """
 
-    mean: np.ndarray
-    std: np.ndarray
+    mean: np.ndarray | list[np.ndarray]
+    std: np.ndarray | list[np.ndarray]
     text: np.ndarray
     caption_index: np.ndarray
-    mean_flip: np.ndarray | None = None
-    std_flip: np.ndarray | None = None
+    mean_flip: np.ndarray | list[np.ndarray] | None = None
+    std_flip: np.ndarray | list[np.ndarray] | None = None
+    bucket: np.ndarray | None = None
+    bucket_size: np.ndarray | None = None
+    original_size: np.ndarray | None = None
+    crop_ltrb: np.ndarray | None = None
+
+    _LATENTS = ("mean", "std", "mean_flip", "std_flip")
+
+    def __len__(self) -> int:
+        return len(self.caption_index)
+
+    def latents(self, idx: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) [b, h, w, 4] of samples `idx`, mirrored where `flips`; one bucket per call."""
+        if self.bucket is None:
+            arrays, rows = (self.mean, self.std, self.mean_flip, self.std_flip), idx
+        else:
+            k = self.bucket[idx]
+            if (k != k[0]).any():
+                raise ValueError(f"samples {idx.tolist()} are in different buckets {k.tolist()}")
+            rows = self._rows[idx]
+            arrays = tuple(a[k[0]] if a is not None else None for a in (self.mean, self.std, self.mean_flip,
+                                                                          self.std_flip))
+        mean, std = arrays[0][rows], arrays[1][rows]
+        if flips.any():
+            mirrored = flips[:, None, None, None]
+            mean = np.where(mirrored, arrays[2][rows], mean)
+            std = np.where(mirrored, arrays[3][rows], std)
+        return mean, std
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        """Each sample's row in its bucket's arrays (its rank among the bucket's samples)."""
+        rows = np.empty(len(self.bucket), np.int64)
+        for k in range(len(self.bucket_size)):
+            members = np.flatnonzero(self.bucket == k)
+            rows[members] = np.arange(len(members))
+        return rows
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The npz keys: per-bucket latent lists become `name.<k>` keys."""
+        out = {}
+        for name in (f.name for f in fields(self)):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                out.update({f"{name}.{k}": a for k, a in enumerate(v)})
+            elif v is not None:
+                out[name] = v
+        return out
+
+    @classmethod
+    def from_arrays(cls, z) -> "EncodedData":
+        found = {k: z[k] for k in z.files if "." not in k}
+        if "bucket_size" in found:
+            for name in cls._LATENTS:
+                parts = [z[f"{name}.{k}"] for k in range(len(found["bucket_size"])) if f"{name}.{k}" in z.files]
+                if parts:
+                    found[name] = parts
+        return cls(**found)
 
 
 # Images per VAE encode call: 4 at 256 px, 1 at 512 px. The encoder's full-resolution
@@ -288,18 +369,22 @@ ENCODE_PIXELS = 4 * 256 * 256
 
 
 def encode_images(vae, paths: list[Path], resolution: int, flip: bool, batch_size: int | None = None,
-                  progress: bool = True):
-    """VAE posterior (mean, std) of each image, NHWC float32 numpy; `flip` encodes the mirror."""
+                  progress: bool = True, size: tuple[int, int] | None = None):
+    """VAE posterior (mean, std) of each image, NHWC float32 numpy; `flip` encodes the mirror.
+
+    Images are cropped to `size` (w, h) or a square of `resolution`.
+    """
     import mlx.core as mx
     from tqdm import tqdm
 
-    batch_size = batch_size or max(1, ENCODE_PIXELS // (resolution * resolution))
+    w, h = size or (resolution, resolution)
+    batch_size = batch_size or max(1, ENCODE_PIXELS // (w * h))
+    what = "encoding images" + (f" {w}x{h}" if size else "") + (" (mirrored)" if flip else "")
 
     encode = mx.compile(lambda x: vae.encode(x))
     means, stds = [], []
-    for i in tqdm(range(0, len(paths), batch_size), desc="encoding images" + (" (mirrored)" if flip else ""),
-                  disable=not progress, unit="batch"):
-        x = np.stack([preprocess(p, resolution, flip=flip) for p in paths[i:i + batch_size]])
+    for i in tqdm(range(0, len(paths), batch_size), desc=what, disable=not progress, unit="batch"):
+        x = np.stack([preprocess(p, resolution, flip=flip, size=size) for p in paths[i:i + batch_size]])
         mean, logvar = encode(mx.array(x))
         std = mx.exp(0.5 * logvar)
         mx.eval(mean, std)
@@ -325,19 +410,25 @@ def encode_captions(text_encoder, tokenizer, captions: list[str], batch_size: in
 
 
 def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], resolution: int, flip: bool,
-                   load_vae, load_text, tokenizer, progress: bool = True) -> EncodedData:
+                   load_vae, load_text, tokenizer, progress: bool = True,
+                   buckets: tuple[np.ndarray, np.ndarray] | None = None) -> EncodedData:
     """Encode the dataset once; with `cache_dir`, reuse `cache_dir/encoded-<key>.npz` when present.
 
-    `load_vae`/`load_text` are called only when encoding is needed, and their models are
-    dropped before returning, so the training loop holds neither. `load_text=None` (the text encoder
-    trains, so its embeddings change every step) caches the UNet side only: `text` is then empty.
+    `buckets` = (bucket of each sample [N], bucket sizes [K, 2] as (w, h)) encodes each image at
+    its bucket's size (center crop) instead of a square of `resolution`. `load_vae`/`load_text`
+    are called only when encoding is needed, and their models are dropped before returning, so
+    the training loop holds neither. `load_text=None` (the text encoder trains, so its embeddings
+    change every step) caches the UNet side only: `text` is then empty.
     """
     path = cache_dir / f"encoded-{key}.npz" if cache_dir else None
     if path is not None and path.exists():
         try:
             with np.load(path) as z:
-                data = EncodedData(**{k: z[k] for k in z.files})
-            if len(data.mean) == len(samples) and (data.mean_flip is not None) == flip:
+                data = EncodedData.from_arrays(z)
+            same_buckets = (data.bucket is None) if buckets is None else (
+                data.bucket is not None and np.array_equal(data.bucket, buckets[0])
+                and np.array_equal(data.bucket_size, buckets[1]))
+            if len(data) == len(samples) and (data.mean_flip is not None) == flip and same_buckets:
                 logger.info("using cached latents and text embeddings: %s", path)
                 if load_text is not None and not data.text.size:  # cached by a run that trained the text encoder
                     data.text, data.caption_index = encode_captions(load_text(), tokenizer,
@@ -347,17 +438,32 @@ def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], reso
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable cache %s (%s)", path, e)
     vae = load_vae()
-    mean, std = encode_images(vae, [s.path for s in samples], resolution, False, progress=progress)
-    mean_f = std_f = None
-    if flip:
-        mean_f, std_f = encode_images(vae, [s.path for s in samples], resolution, True, progress=progress)
+    paths = [s.path for s in samples]
+    if buckets is None:
+        latents = [encode_images(vae, paths, resolution, f, progress=progress) for f in (False, True)[:1 + flip]]
+        geometry = {}
+    else:
+        bucket, sizes = buckets
+        members = [np.flatnonzero(bucket == k) for k in range(len(sizes))]
+        if not all(len(m) for m in members):
+            raise ValueError("every bucket given must hold at least one sample")
+        latents = []
+        for f in (False, True)[:1 + flip]:
+            pairs = [encode_images(vae, [paths[i] for i in m], resolution, f, progress=progress,
+                                   size=(int(w), int(h))) for m, (w, h) in zip(members, sizes)]
+            latents.append(([m for m, _ in pairs], [s for _, s in pairs]))
+        original = np.array([oriented_size(p) for p in paths], np.int64)
+        crops = [cover_crop(tuple(original[i]), tuple(sizes[bucket[i]]))[1] for i in range(len(paths))]
+        geometry = dict(bucket=bucket.astype(np.int64), bucket_size=np.asarray(sizes, np.int64),
+                        original_size=original, crop_ltrb=np.array(crops, np.int64))
     del vae
     if load_text is None:
         text, index = np.zeros((0,), np.float32), np.zeros(len(samples), np.int64)
     else:
         text, index = encode_captions(load_text(), tokenizer, [s.caption for s in samples], progress=progress)
-    data = EncodedData(mean, std, text, index, mean_f, std_f)
+    (mean, std), (mean_f, std_f) = latents[0], (latents[1] if flip else (None, None))
+    data = EncodedData(mean, std, text, index, mean_f, std_f, **geometry)
     if path is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save_npz(path, **{k: v for k, v in data.__dict__.items() if v is not None})
+        atomic_save_npz(path, **data.arrays())
     return data

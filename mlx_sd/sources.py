@@ -55,5 +55,5 @@ def subset(samples: list, n: int | None, seed: int) -> list:
     """`n` samples chosen by `seed` (all when n is None or larger), in their original order."""
     if n is None or n >= len(samples):
         return samples
-    keep = np.sort(np.random.default_rng([seed, 7]).choice(len(samples), n, replace=False))
+    keep = np.sort(np.random.default_rng([seed, 0, 0, 0, 0, 7]).choice(len(samples), n, replace=False))
     return [samples[i] for i in keep]

@@ -70,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--strict_data", action="store_true", help="stop on any bad dataset entry instead of skipping it")
     g.add_argument("--no_cache", action="store_true",
                    help="encode images and captions every step (the original script's way)")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="aspect-ratio buckets: each image trains at the size of about --resolution^2 pixels "
+                        "nearest its aspect ratio; a batch holds one size (kohya's semantics)")
+    g.add_argument("--min_bucket_reso", type=number(int, min=8), default=256, help="smallest bucket side (px)")
+    g.add_argument("--max_bucket_reso", type=number(int, min=8), default=1024, help="largest bucket side (px)")
+    g.add_argument("--bucket_reso_steps", type=number(int, min=8), default=64,
+                   help="bucket sides are multiples of this (64 for SD1.x)")
 
     g = p.add_argument_group("training")
     g.add_argument("--train_batch_size", type=number(int, min=1), default=2, help="images per micro-batch")
@@ -146,6 +153,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance for validation")
     g.add_argument("--validation_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="precision of validation sampling (a half dtype samples with a fused copy of the UNet)")
+    g.add_argument("--validation_width", type=number(int, min=8), default=None,
+                   help="width of validation images (default --resolution); the held-out loss stays square")
+    g.add_argument("--validation_height", type=number(int, min=8), default=None,
+                   help="height of validation images (default --resolution)")
     g.add_argument("--no_validation", action="store_true", help="render no validation images")
     g.add_argument("--validation_split", type=number(float, min=0), default=0.0,
                    help="fraction of the images kept out of training; their loss at fixed timesteps and noise "
@@ -205,6 +216,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.train_text_encoder and (args.text_encoder_lr is not None
                                         or list(args.text_encoder_targets) != list(TEXT_ENCODER_TARGETS)):
         p.error("--text_encoder_lr and --text_encoder_targets apply only with --train_text_encoder")
+    if args.enable_bucket:
+        from .buckets import check_flags
+
+        why = check_flags(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+        if why:
+            p.error(why)
+    for name in ("validation_width", "validation_height"):
+        if getattr(args, name) is not None and getattr(args, name) % 8:
+            p.error(f"--{name} {getattr(args, name)} is not a multiple of 8 (SD1.x needs a multiple of 64)")
     if not args.center_crop and not args.no_cache:
         p.error("random crops (--no-center_crop) change every step and cannot be cached: add --no_cache")
     return args

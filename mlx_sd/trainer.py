@@ -82,11 +82,7 @@ class CachedBatches:
         epoch, idx, flips = self.plan(c)
         idx, flips = idx[self.rows], flips[self.rows]
         d = self.data
-        mean, std = d.mean[idx], d.std[idx]
-        if self.plan.flip:
-            mirrored = flips[:, None, None, None]
-            mean = np.where(mirrored, d.mean_flip[idx], mean)
-            std = np.where(mirrored, d.std_flip[idx], std)
+        mean, std = d.latents(idx, flips)
         return epoch, mx.array(mean), mx.array(std), self.text(c, idx)
 
     def close(self) -> None:
@@ -97,8 +93,10 @@ class EncodingBatches:
     """Micro-batches encoded every step, as the original script did (needed for random crops)."""
 
     def __init__(self, plan: BatchPlan, rows: slice, samples: list[Sample], resolution: int, center_crop: bool,
-                 vae, text_encoder, tokenizer, variants: CaptionVariants = CaptionVariants()):
+                 vae, text_encoder, tokenizer, variants: CaptionVariants = CaptionVariants(),
+                 sizes: list[tuple[int, int]] | None = None):
         self.plan, self.rows, self.samples, self.variants = plan, rows, samples, variants
+        self.sizes = sizes  # (w, h) per sample with buckets
         self.resolution, self.center_crop = resolution, center_crop
         self.encode_image = mx.compile(lambda x: vae.encode(x))
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -111,7 +109,8 @@ class EncodingBatches:
         first = self.rows.start or 0
         # Random crops: one generator per position in the global batch, the same on any rank.
         return np.stack([preprocess(self.samples[i].path, self.resolution, self.center_crop, bool(f),
-                                    np.random.default_rng([self.plan.seed, c, 2, first + j]))
+                                    np.random.default_rng([self.plan.seed, c, 2, first + j]),
+                                    self.sizes[i] if self.sizes else None)
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 
     def __call__(self, c: int):

@@ -61,7 +61,9 @@ def sampling_copy(unet, dtype: mx.Dtype):
 def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
                    num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
                    guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
-                   progress: bool = False, dtype: str = "float32", text_encoder=None) -> list[Path]:
+                   progress: bool = False, dtype: str = "float32", text_encoder=None, width: int | None = None,
+                   height: int | None = None) -> list[Path]:
+    """Render every prompt `num_images` times at `width` x `height` (default: a square of `resolution`)."""
     from .pipeline import StableDiffusion, as_dtype, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +83,9 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
     text_encoder.eval()
     try:
         images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps,
-                               guidance_scale=guidance_scale, sampler=sampler, seed=seeds, height=resolution,
-                               width=resolution, batch_size=min(4, len(seeds)), progress=progress)
+                               guidance_scale=guidance_scale, sampler=sampler, seed=seeds,
+                               height=height or resolution, width=width or resolution,
+                               batch_size=min(4, len(seeds)), progress=progress)
     finally:
         unet.train(was_training)
         text_encoder.train(text_training)
@@ -99,7 +102,8 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
 
 
 def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guidance_scale: float = 7.5,
-                    resolution: int = 512, sampler: str = "dpm++2m") -> float:
+                    resolution: int = 512, sampler: str = "dpm++2m", width: int | None = None,
+                    height: int | None = None) -> float:
     """MLX's peak (GB) over one validation batch: text encoder and VAE loaded, one sampler step of
     the classifier-free-guidance batch, the VAE decode. Everything training keeps (the UNet, the
     optimizer state) stays counted, as during a real validation."""
@@ -114,7 +118,7 @@ def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guida
     unet.eval()
     try:
         pipe.generate(list(prompts)[:1] * n, steps=1, guidance_scale=guidance_scale, sampler=sampler, seed=0,
-                      height=resolution, width=resolution, batch_size=n, output_type="np")
+                      height=height or resolution, width=width or resolution, batch_size=n, output_type="np")
     finally:
         unet.train(was_training)
     peak = mx.get_peak_memory() / 1e9

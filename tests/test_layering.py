@@ -27,6 +27,7 @@ LAYERS = {
     "mlx_sd.sources": 2,
     "mlx_sd.captions": 2,
     "mlx_sd.model_card": 2,
+    "mlx_sd.buckets": 2,
     "mlx_sd.training": 2,
     "mlx_sd.trainer": 2,
     "mlx_sd.train_options": 2,
