@@ -149,8 +149,10 @@ def test_half_precision_on_the_full_sd15_shape(sd15_random, dtype):
     """The full SD1.5 UNet, VAE and text encoder with random weights, 32x32 latents (256 px)."""
     ref, low = sd15_random
     low.set_dtype(dtype)
-    err, db = compare(ref, low, f"SD1.5 shape (random weights), 256 px, {dtype} vs float32", 256,
-                      **{**KW, "steps": 3})
+    # One DDIM step: every UNet block, the text encoder and the VAE decoder at full shape, in a
+    # fraction of the time PNDM's 3 steps (4 UNet calls) take with float16 matmuls on an x86 CPU.
+    err, db = compare(ref, low, f"SD1.5 shape (random weights), 256 px, 1 DDIM step, {dtype} vs float32", 256,
+                      **{**KW, "steps": 1, "sampler": "ddim"})
     max_err, min_db = BOUNDS[dtype]
     assert 0 < err <= max_err and db >= min_db
 
