@@ -49,13 +49,14 @@ def _torch_out(unet, x, t, ctx):
 
 
 
-def _randomize(unet, seed):
+def _randomize(model, seed, scale=0.1):
+    """Seeded non-zero A and B in every LoRA layer of `model` (UNet or text encoder)."""
     key = mx.random.key(seed)
-    for _, layer in sorted(lora_layers(unet).items()):
+    for _, layer in sorted(lora_layers(model).items()):
         k1, k2, key = mx.random.split(key, 3)
-        layer.lora_A.weight = mx.random.normal(layer.lora_A.weight.shape, key=k1) * 0.1
-        layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape, key=k2) * 0.1
-    mx.eval(unet.parameters())
+        layer.lora_A.weight = mx.random.normal(layer.lora_A.weight.shape, key=k1) * scale
+        layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape, key=k2) * scale
+    mx.eval(model.parameters())
 
 
 @pytest.fixture

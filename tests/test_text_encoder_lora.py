@@ -9,6 +9,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_lora import _randomize as randomize_lora
 import torch
 
 from fixtures import rel_err
@@ -33,12 +34,7 @@ PROMPTS = ["a product photo of black casual shoes on white background", "blue sn
 
 
 def _randomize(model, seed):
-    key = mx.random.key(seed)
-    for _, layer in sorted(lora_layers(model).items()):
-        k1, k2, key = mx.random.split(key, 3)
-        layer.lora_A.weight = mx.random.normal(layer.lora_A.weight.shape, key=k1) * 0.2
-        layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape, key=k2) * 0.2
-    mx.eval(model.parameters())
+    randomize_lora(model, seed, scale=0.2)
 
 
 def _ids(folder):
