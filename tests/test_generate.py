@@ -38,21 +38,44 @@ def test_writes_images_and_captions(tiny_mlx_dir, tmp_path):
     assert json.loads((out / "generation.json").read_text())["steps"] == 2
 
 
+def interrupt_saving_after(monkeypatch, n: int) -> list[str]:
+    """Ctrl-C while image n + 1 is being saved; returns the names saved before it."""
+    real_save, saves = gen.save_png, []
+
+    def save_then_interrupt(image, path, parameters):
+        if len(saves) == n:
+            raise KeyboardInterrupt
+        saves.append(path.name)
+        real_save(image, path, parameters)
+
+    monkeypatch.setattr(gen, "save_png", save_then_interrupt)
+    return saves
+
+
+def record_sampled(monkeypatch) -> list[tuple[str, int]]:
+    """(prompt, seed) of every image the sampler is asked for from now on."""
+    made = []
+    real_stream = StableDiffusion.stream
+
+    def counting(self, batches, *a, **kw):
+        def seen():
+            for prompts, seeds in batches:
+                made.extend(zip(prompts, seeds))
+                yield prompts, seeds
+        return real_stream(self, seen(), *a, **kw)
+
+    monkeypatch.setattr(StableDiffusion, "stream", counting)
+    return made
+
+
 def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bulk"
     cmd = args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num_images_per_prompt", "2")
     names = [gen.image_name(p, i) for p in range(2) for i in range(2)]
 
     # First run: Ctrl-C arrives while the third image is being saved.
-    real_save, saves = gen.save_png, []
-
-    def save_then_interrupt(image, path, parameters):
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-        saves.append(path.name)
-        real_save(image, path, parameters)
-
-    monkeypatch.setattr(gen, "save_png", save_then_interrupt)
+    real_save = gen.save_png
+    saves = interrupt_saving_after(monkeypatch, 2)
     assert gen.main(cmd) == 130
     assert "Re-run the same command" in capsys.readouterr().err
     assert saves == names[:2]
@@ -63,19 +86,10 @@ def test_interrupted_run_resumes_without_redoing(tiny_mlx_dir, tmp_path, monkeyp
 
     # Second run: only the two missing images are made.
     monkeypatch.setattr(gen, "save_png", real_save)
-    made = []
     real_stream = StableDiffusion.stream
-
-    def counting(self, batches, *a, **kw):
-        def seen():
-            for prompts, seeds in batches:
-                made.extend(prompts)
-                yield prompts, seeds
-        return real_stream(self, seen(), *a, **kw)
-
-    monkeypatch.setattr(StableDiffusion, "stream", counting)
+    made = record_sampled(monkeypatch)
     assert gen.main(cmd) == 0
-    assert made == [PROMPTS[1], PROMPTS[1]]
+    assert [p for p, _ in made] == [PROMPTS[1], PROMPTS[1]]
     assert {n: (out / "images" / n).stat().st_mtime_ns for n in names[:2]} == mtimes
 
     images_dir, records = read_captions(out)

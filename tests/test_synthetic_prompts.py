@@ -10,8 +10,8 @@ from PIL import Image
 
 import mlx_sd  # noqa: F401  (fast BLAS before mlx.core)
 from mlx_sd import generate as gen
-from mlx_sd.pipeline import StableDiffusion
 from mlx_sd.prompts import TemplateError, balanced_choices, expand, parse
+from test_generate import interrupt_saving_after, record_sampled
 
 SHOES = """# the issue's example
 color = black | brown | white | blue
@@ -108,29 +108,13 @@ def test_resumed_template_run_makes_no_duplicate_and_misses_none(tiny_mlx_dir, t
     assert gen.main([*cmd, "--output_dir", str(full)]) == 0
 
     part = tmp_path / "part"
-    real_save, saves = gen.save_png, []
-
-    def save_then_interrupt(image, path, parameters):
-        if len(saves) == 4:
-            raise KeyboardInterrupt
-        saves.append(path.name)
-        real_save(image, path, parameters)
-
-    monkeypatch.setattr(gen, "save_png", save_then_interrupt)
+    real_save = gen.save_png
+    interrupt_saving_after(monkeypatch, 4)
     assert gen.main([*cmd, "--output_dir", str(part)]) == 130
     monkeypatch.setattr(gen, "save_png", real_save)
-    made = []
-    real_stream = StableDiffusion.stream
-
-    def counting(self, batches, *a, **kw):
-        def seen():
-            for prompts, seeds in batches:
-                made.extend(seeds)
-                yield prompts, seeds
-        return real_stream(self, seen(), *a, **kw)
-
-    monkeypatch.setattr(StableDiffusion, "stream", counting)
+    sampled = record_sampled(monkeypatch)
     assert gen.main([*cmd, "--output_dir", str(part)]) == 0
+    made = [seed for _, seed in sampled]
     assert len(made) == 10 - 4 and len(set(made)) == len(made)  # only the missing ones, each once
 
     a = json.loads((full / "captions.json").read_text())
