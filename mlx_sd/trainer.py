@@ -96,6 +96,7 @@ class EncodingBatches:
                  vae, text_encoder, tokenizer, variants: CaptionVariants = CaptionVariants(),
                  sizes: list[tuple[int, int]] | None = None):
         self.plan, self.rows, self.samples, self.variants = plan, rows, samples, variants
+        self.sample_captions = [s.caption for s in samples]
         self.sizes = sizes  # (w, h) per sample with buckets
         self.resolution, self.center_crop = resolution, center_crop
         self.encode_image = mx.compile(lambda x: vae.encode(x))
@@ -125,7 +126,7 @@ class EncodingBatches:
         return epoch, mean, mx.exp(0.5 * logvar), ctx
 
     def captions(self, c: int) -> list[str]:
-        return batch_captions(self.plan, self.rows, [s.caption for s in self.samples], self.variants, c)
+        return batch_captions(self.plan, self.rows, self.sample_captions, self.variants, c)
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
