@@ -31,7 +31,8 @@ from mlx.utils import tree_flatten
 
 from convert.model import resolve_model
 from lora import LoRAConfig, inject_lora, text_encoder_predicate, trainable_count
-from lora.formats import adapter_from_model, export_adapter, save_fused_model
+from lora.export import export_adapter, save_fused_model
+from lora.formats import adapter_from_model
 from mlx_sd import blas, device, distributed, memory
 from mlx_sd.buckets import BucketPlan, Buckets
 from mlx_sd.captions import CaptionVariants

@@ -1,4 +1,5 @@
-"""LoRA for the MLX UNet and CLIP text encoder: layers and injection (`lora.layers`), adapter files (`lora.formats`)."""
+"""LoRA for the MLX UNet and CLIP text encoder: layers and injection (`lora.layers`), adapter files
+(`lora.formats`; written by `lora.export`)."""
 
 import mlx_sd  # noqa: F401  (fast BLAS before mlx.core)
 

@@ -28,8 +28,8 @@ from mlx.utils import tree_flatten
 from mlx_sd.errors import MlxSdError
 from mlx_sd.io import atomic_folder, discard, safetensors_problem
 from mlx_sd.weights import set_by_path
-from lora.formats import (PEFT_WEIGHTS, TEXT_ENCODER_DIR, adapter_from_model, export_adapter, load_adapter,
-                          load_into_lora_layers)
+from lora.export import export_adapter
+from lora.formats import PEFT_WEIGHTS, TEXT_ENCODER_DIR, adapter_from_model, load_adapter, load_into_lora_layers
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

@@ -9,6 +9,7 @@ import torch
 
 from fixtures import SD15, rel_err
 from lora import LoRAConfig, fuse_lora, inject_lora, lora_layers, trainable_count
+from lora.export import export_adapter, save_fused_model
 from lora.formats import (
     DIFFUSERS_WEIGHTS,
     KOHYA_WEIGHTS,
@@ -16,11 +17,9 @@ from lora.formats import (
     AdapterError,
     adapter_from_model,
     apply_adapter,
-    export_adapter,
     load_adapter,
     load_into_lora_layers,
     resolve,
-    save_fused_model,
 )
 from mlx_sd.config import UNetConfig, read_json
 from mlx_sd.model_folder import ModelFolder

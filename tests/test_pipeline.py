@@ -138,7 +138,7 @@ def _random_adapter(unet, seed):
 
 
 def test_adapters_stack_and_compiled_sees_them(tiny_mlx_dir, tmp_path):
-    from lora.formats import export_adapter
+    from lora.export import export_adapter
     from mlx.utils import tree_flatten
 
     plain = StableDiffusion.from_folder(tiny_mlx_dir, compile=False)

@@ -334,7 +334,7 @@ def test_fused_lora_model_exports_and_diffusers_sees_the_lora(tiny_mlx_dir, tiny
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from lora.formats import save_fused_model
+    from lora.export import save_fused_model
     from lora.layers import LoRAConfig, inject_lora, lora_layers
 
     unet = ModelFolder(tiny_mlx_dir).unet()

@@ -14,6 +14,7 @@ import torch
 
 from fixtures import rel_err
 from lora import TEXT_ENCODER_ALLOWED, LoRAConfig, inject_lora, lora_layers, text_encoder_predicate
+from lora.export import export_adapter
 from lora.formats import (
     DIFFUSERS_WEIGHTS,
     KOHYA_WEIGHTS,
@@ -23,7 +24,6 @@ from lora.formats import (
     AdapterError,
     adapter_from_model,
     apply_adapter,
-    export_adapter,
     load_adapter,
     load_into_lora_layers,
 )
