@@ -367,7 +367,8 @@ def train(args, world: distributed.World, run: Run) -> int:
             def validation_peak():
                 return measure_peak_gb(inputs.folder, unet, inputs.tokenizer, validation_prompts(args),
                                        args.num_validation_images, args.validation_guidance_scale, args.resolution,
-                                       args.validation_sampler, args.validation_width, args.validation_height)
+                                       args.validation_sampler, args.validation_width, args.validation_height,
+                                       args.validation_dtype, text_encoder)
             return setup_check(trainer, unet, max_steps, run.say, args, None if args.no_validation else validation_peak)
         step, status = trainer.run(start_step)
         if status is None and run.main:

@@ -58,15 +58,11 @@ def sampling_copy(unet, dtype: mx.Dtype):
     return copy
 
 
-def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
-                   num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
-                   guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
-                   progress: bool = False, dtype: str = "float32", text_encoder=None, width: int | None = None,
-                   height: int | None = None) -> list[Path]:
-    """Render every prompt `num_images` times at `width` x `height` (default: a square of `resolution`)."""
-    from .pipeline import StableDiffusion, as_dtype, save_png
+def validation_pipeline(folder, unet, tokenizer, dtype: str = "float32", text_encoder=None):
+    """The pipeline validation samples with (see the module's text): the text encoder and VAE loaded
+    in `dtype` (a trained `text_encoder` as it is), the UNet itself or its fused half copy."""
+    from .pipeline import StableDiffusion, as_dtype
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     dt = as_dtype(dtype)
     base = unet.conv_in.weight.dtype
     sampling_unet = unet if dt in (base, mx.float32) else sampling_copy(unet, dt)
@@ -75,7 +71,20 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
         text_encoder.set_dtype(dt)
     vae = folder.vae()
     vae.set_dtype(dt)
-    pipe = StableDiffusion(tokenizer, text_encoder, sampling_unet, vae, folder.scheduler_config(), compile=False)
+    return StableDiffusion(tokenizer, text_encoder, sampling_unet, vae, folder.scheduler_config(), compile=False)
+
+
+def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, step: int,
+                   num_images: int = 4, steps: int = 25, sampler: str = "dpm++2m",
+                   guidance_scale: float = 7.5, seed: int = 0, resolution: int = 512,
+                   progress: bool = False, dtype: str = "float32", text_encoder=None, width: int | None = None,
+                   height: int | None = None) -> list[Path]:
+    """Render every prompt `num_images` times at `width` x `height` (default: a square of `resolution`)."""
+    from .pipeline import save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = validation_pipeline(folder, unet, tokenizer, dtype, text_encoder)
+    text_encoder = pipe.text_encoder
     # The same seed for image i of prompt p at every validation: changes come from training only.
     seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
     was_training, text_training = unet.training, text_encoder.training
@@ -96,31 +105,31 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
         save_png(im, path)
         files.append(path)
     save_png(grid(images, rows=len(prompts)), out_dir / f"epoch{epoch:03d}_step{step:04d}_grid.png")
-    del pipe, images, sampling_unet
+    del pipe, images
     mx.clear_cache()  # sampling buffers go back before training resumes
     return files
 
 
 def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guidance_scale: float = 7.5,
                     resolution: int = 512, sampler: str = "dpm++2m", width: int | None = None,
-                    height: int | None = None) -> float:
-    """MLX's peak (GB) over one validation batch: text encoder and VAE loaded, one sampler step of
-    the classifier-free-guidance batch, the VAE decode. Everything training keeps (the UNet, the
-    optimizer state) stays counted, as during a real validation."""
-    from .pipeline import StableDiffusion
-
+                    height: int | None = None, dtype: str = "float32", text_encoder=None) -> float:
+    """MLX's peak (GB) over one validation batch as `run_validation` makes it (same pipeline: a
+    trained text encoder is not loaded twice, a half `dtype` loads half encoders and the fused
+    copy): one sampler step of the classifier-free-guidance batch and the VAE decode. Everything
+    training keeps (the UNet, the optimizer state) stays counted, as during a real validation."""
     n = min(4, len(prompts) * num_images)  # run_validation's batch
     mx.clear_cache()
     mx.reset_peak_memory()
-    pipe = StableDiffusion(tokenizer, folder.text_encoder(), unet, folder.vae(), folder.scheduler_config(),
-                           compile=False)
-    was_training = unet.training
+    pipe = validation_pipeline(folder, unet, tokenizer, dtype, text_encoder)
+    was_training, text_training = unet.training, pipe.text_encoder.training
     unet.eval()
+    pipe.text_encoder.eval()
     try:
         pipe.generate(list(prompts)[:1] * n, steps=1, guidance_scale=guidance_scale, sampler=sampler, seed=0,
                       height=height or resolution, width=width or resolution, batch_size=n, output_type="np")
     finally:
         unet.train(was_training)
+        pipe.text_encoder.train(text_training)
     peak = mx.get_peak_memory() / 1e9
     del pipe
     mx.clear_cache()
