@@ -44,7 +44,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -55,7 +55,7 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -79,7 +79,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """Pre-norm transformer layers; `config` is a text or vision config (hidden, heads, MLP size, act, eps)."""
+
+    def __init__(self, config):
         super().__init__()
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..clip import CLIPEncoderLayer, CLIPTextTransformer
+from ..clip import CLIPEncoder, CLIPTextTransformer
 from ..config import CLIPTextConfig, ConfigError, read_json
 from ..weights import load_strict
 
@@ -73,18 +73,12 @@ class CLIPVisionEmbeddings(nn.Module):
         return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
 
 
-class CLIPVisionEncoder(nn.Module):
-    def __init__(self, c: CLIPVisionConfig):
-        super().__init__()
-        self.layers = [CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers)]
-
-
 class CLIPVisionTransformer(nn.Module):
     def __init__(self, c: CLIPVisionConfig):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(c)
         self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.encoder = CLIPVisionEncoder(c)
+        self.encoder = CLIPEncoder(c)  # the text tower's layers, no mask
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, pixels: mx.array) -> mx.array:
