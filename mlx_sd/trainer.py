@@ -108,9 +108,10 @@ class EncodingBatches:
         """Images of micro-batch `c`, this rank's rows; a pure function of (seed, c)."""
         _, idx, flips = self.plan(c)
         first = self.rows.start or 0
-        # Random crops: one generator per position in the global batch, the same on any rank.
+        # Random crops: one generator per position in the global batch, the same on any rank; a key
+        # shape ([seed, c, 2, position, 2]) that no other draw (flips: [seed, epoch, j, 1]) uses.
         return np.stack([preprocess(self.samples[i].path, self.resolution, self.center_crop, bool(f),
-                                    np.random.default_rng([self.plan.seed, c, 2, first + j]),
+                                    np.random.default_rng([self.plan.seed, c, 2, first + j, 2]),
                                     self.sizes[i] if self.sizes else None)
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 
