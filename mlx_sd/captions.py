@@ -32,7 +32,7 @@ class CaptionVariants:
         """The caption that sample at `position` of global micro-batch `c` trains with."""
         if not self.active:
             return caption
-        rng = np.random.default_rng([seed, c, position, 5, 5])  # a key shape no other draw uses
+        rng = np.random.default_rng(caption_key(seed, c, position))
         if self.dropout and rng.random() < self.dropout:
             return ""
         if not self.shuffle:
@@ -45,3 +45,8 @@ class CaptionVariants:
     def for_batch(self, captions: list[str], seed: int, c: int, first: int) -> list[str]:
         """Variants of consecutive positions first, first + 1, ... of micro-batch `c`."""
         return [self(cap, seed, c, first + j) for j, cap in enumerate(captions)]
+
+
+def caption_key(seed: int, c: int, position: int) -> list[int]:
+    """The generator key of the caption variant at `position` of global micro-batch `c` (see data.py)."""
+    return [seed, c, position, 5, 5]

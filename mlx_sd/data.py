@@ -245,6 +245,18 @@ def dataset_fingerprint(samples: list[Sample], *parts) -> str:
     return h.hexdigest()[:20]
 
 
+# Generator keys of a run's per-batch draws. Each kind has a key no other kind can produce for any
+# indices (captions.py's caption variants: [seed, c, position, 5, 5]), so no two draws are correlated.
+def flip_key(seed: int, epoch: int, j: int) -> list[int]:
+    """Mirror flags of batch `j` of `epoch`."""
+    return [seed, epoch, j, 1]
+
+
+def crop_key(seed: int, c: int, position: int) -> list[int]:
+    """The random crop of the sample at `position` of global micro-batch `c`."""
+    return [seed, c, 2, position, 2]
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one epoch: a permutation fixed by (seed, epoch), so resume is exact."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -268,7 +280,7 @@ class BatchPlan:
         """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
         epoch, j = divmod(c, self.per_epoch)
         idx = epoch_order(self.n, self.seed, epoch)[j * self.batch:(j + 1) * self.batch]
-        flips = (np.random.default_rng([self.seed, epoch, j, 1]).random(self.batch) < 0.5) if self.flip \
+        flips = (np.random.default_rng(flip_key(self.seed, epoch, j)).random(self.batch) < 0.5) if self.flip \
             else np.zeros(self.batch, bool)
         return epoch, idx, flips
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .captions import CaptionVariants
 from .checkpoint import latest_checkpoint, save_checkpoint
-from .data import BatchPlan, EncodedData, Sample, preprocess
+from .data import BatchPlan, EncodedData, Sample, crop_key, preprocess
 from .distributed import World
 from .logs import FILE_ONLY
 
@@ -108,10 +108,9 @@ class EncodingBatches:
         """Images of micro-batch `c`, this rank's rows; a pure function of (seed, c)."""
         _, idx, flips = self.plan(c)
         first = self.rows.start or 0
-        # Random crops: one generator per position in the global batch, the same on any rank; a key
-        # shape ([seed, c, 2, position, 2]) that no other draw (flips: [seed, epoch, j, 1]) uses.
+        # Random crops: one generator per position in the global batch, the same on any rank.
         return np.stack([preprocess(self.samples[i].path, self.resolution, self.center_crop, bool(f),
-                                    np.random.default_rng([self.plan.seed, c, 2, first + j, 2]),
+                                    np.random.default_rng(crop_key(self.plan.seed, c, first + j)),
                                     self.sizes[i] if self.sizes else None)
                          for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
 

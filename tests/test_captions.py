@@ -148,3 +148,18 @@ def test_flags_are_checked():
         train.parse_args(["--train_data_dir", "x", "--caption_dropout_rate", "1"])
     args = train.parse_args(["--train_data_dir", "x", "--shuffle_caption", "--keep_tokens", "2"])
     assert args.shuffle_caption and args.keep_tokens == 2
+
+
+def test_per_batch_draws_never_share_a_generator_key():
+    """Flips, random crops and caption variants are independent: no indices give two kinds one key."""
+    from mlx_sd.captions import caption_key
+    from mlx_sd.data import crop_key, flip_key
+
+    r = range(12)
+    kinds = {"flip": {tuple(flip_key(7, e, j)) for e in r for j in r},
+             "crop": {tuple(crop_key(7, c, p)) for c in r for p in r},
+             "caption": {tuple(caption_key(7, c, p)) for c in r for p in r}}
+    names = list(kinds)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not kinds[a] & kinds[b], (a, b, sorted(kinds[a] & kinds[b])[:3])

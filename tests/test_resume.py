@@ -230,3 +230,24 @@ def test_check_command(tiny_mlx_dir, dataset, tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "no-such-model" in missing.stderr
     assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_random_crops_resume_exactly(tiny_mlx_dir, dataset, tmp_path):
+    """--no-center_crop (uncached): crops are drawn per (seed, micro-batch, position), so a run
+    resumed from the step-2 checkpoint ends bit-identical to the straight run, and the crops are
+    not the center crops."""
+    import shutil
+
+    common = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--no_cache",
+              "--checkpointing_steps", 2, *COMMON]
+    straight, resumed, centered = tmp_path / "straight", tmp_path / "resumed", tmp_path / "centered"
+    assert run_train(*common, "--no-center_crop", "--output_dir", straight, "--max_train_steps", 4) == 0
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", tmp_path / "ck2")
+    assert run_train(*common, "--no-center_crop", "--output_dir", resumed, "--max_train_steps", 4,
+                     "--resume_from_checkpoint", tmp_path / "ck2") == 0
+    assert run_train(*common, "--output_dir", centered, "--max_train_steps", 4) == 0
+    a, b = _weights(straight), _weights(resumed)
+    assert all(np.array_equal(a[0][k], b[0][k]) and np.array_equal(a[1][k], b[1][k]) for k in a[0])
+    crop, center = _metrics(straight), _metrics(centered)
+    assert [crop[s]["loss"] for s in (3, 4)] == [_metrics(resumed)[s]["loss"] for s in (3, 4)]
+    assert any(crop[s]["loss"] != center[s]["loss"] for s in range(1, 5))
