@@ -168,17 +168,24 @@ def test_validation_peak_counts_encoders_and_cfg_batch(tiny_mlx_dir):
     print(f"validation peak (tiny model): 1 image 64 px {small * 1e3:.1f} MB, 4 images 128 px {large * 1e3:.1f} MB; "
           f"weights {weights * 1e3:.1f} MB")
     assert weights <= small < large and unet.training  # training mode restored
-    # A text encoder being trained is the one validation samples with: not loaded a second time.
+    # The measurement builds validation's own pipeline: a text encoder being trained is used as it
+    # is (not loaded a second time), and --validation_dtype's half encoders and fused UNet copy.
+    from mlx.utils import tree_flatten
+
+    from mlx_sd.validation import validation_pipeline
+
     trained = folder.text_encoder()
-    mx.eval(trained.parameters())
     trained.train()
-    twice = measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=1, resolution=64)
-    once = measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=1, resolution=64,
-                           text_encoder=trained)
-    te = memory.weights_gb(trained)
-    print(f"with a trained text encoder ({te * 1e3:.2f} MB): {once * 1e3:.2f} MB, "
-          f"loading another: {twice * 1e3:.2f} MB")
-    assert twice - once == pytest.approx(te, rel=0.05) and trained.training
+    loads = []
+    load = folder.text_encoder
+    folder.text_encoder = lambda: loads.append(1) or load()
+    measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=1, resolution=64, text_encoder=trained)
+    assert loads == [] and trained.training
+    measure_peak_gb(folder, unet, folder.tokenizer(), ["a shoe"], num_images=1, resolution=64, dtype="float16")
+    assert loads == [1]
+    half = validation_pipeline(folder, unet, folder.tokenizer(), "float16")
+    assert half.unet is not unet and {v.dtype for m in (half.unet, half.text_encoder, half.vae)
+                                      for _, v in tree_flatten(m.parameters())} == {mx.float16}
 
 
 def test_gpu_sampler_compiles_same_image(tiny_mlx_dir, monkeypatch):
