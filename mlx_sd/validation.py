@@ -11,6 +11,7 @@ weights are never rounded. A text encoder being trained (LoRA) is used as it is,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,6 +59,19 @@ def sampling_copy(unet, dtype: mx.Dtype):
     return copy
 
 
+@contextmanager
+def eval_mode(*models):
+    """The models in eval mode (no LoRA dropout) inside the block, each back in its own mode after."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 def validation_pipeline(folder, unet, tokenizer, dtype: str = "float32", text_encoder=None):
     """The pipeline validation samples with (see the module's text): the text encoder and VAE loaded
     in `dtype` (a trained `text_encoder` as it is), the UNet itself or its fused half copy."""
@@ -84,20 +98,13 @@ def run_validation(folder, unet, tokenizer, prompts, out_dir: Path, epoch: int, 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = validation_pipeline(folder, unet, tokenizer, dtype, text_encoder)
-    text_encoder = pipe.text_encoder
     # The same seed for image i of prompt p at every validation: changes come from training only.
     seeds = [seed + 1000 * p + i for p in range(len(prompts)) for i in range(num_images)]
-    was_training, text_training = unet.training, text_encoder.training
-    unet.eval()  # no LoRA dropout while sampling
-    text_encoder.eval()
-    try:
+    with eval_mode(unet, pipe.text_encoder):
         images = pipe.generate(list(prompts), num_images_per_prompt=num_images, steps=steps,
                                guidance_scale=guidance_scale, sampler=sampler, seed=seeds,
                                height=height or resolution, width=width or resolution,
                                batch_size=min(4, len(seeds)), progress=progress)
-    finally:
-        unet.train(was_training)
-        text_encoder.train(text_training)
     files = []
     for k, im in enumerate(images):
         p, i = divmod(k, num_images)
@@ -121,15 +128,9 @@ def measure_peak_gb(folder, unet, tokenizer, prompts, num_images: int = 4, guida
     mx.clear_cache()
     mx.reset_peak_memory()
     pipe = validation_pipeline(folder, unet, tokenizer, dtype, text_encoder)
-    was_training, text_training = unet.training, pipe.text_encoder.training
-    unet.eval()
-    pipe.text_encoder.eval()
-    try:
+    with eval_mode(unet, pipe.text_encoder):
         pipe.generate(list(prompts)[:1] * n, steps=1, guidance_scale=guidance_scale, sampler=sampler, seed=0,
                       height=height or resolution, width=width or resolution, batch_size=n, output_type="np")
-    finally:
-        unet.train(was_training)
-        pipe.text_encoder.train(text_training)
     peak = mx.get_peak_memory() / 1e9
     del pipe
     mx.clear_cache()
