@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, flip_key, oriented_size
+from .data import DataError, mirror_flags, oriented_size
 
 
 def bucket_sizes(resolution: int, min_reso: int = 256, max_reso: int = 1024, step: int = 64) -> list[tuple[int, int]]:
@@ -138,9 +138,7 @@ class BucketPlan:
         """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
         epoch, j = divmod(c, self.per_epoch)
         idx = self.epoch_batches(epoch)[j]
-        flips = (np.random.default_rng(flip_key(self.seed, epoch, j)).random(self.batch) < 0.5) if self.flip \
-            else np.zeros(self.batch, bool)
-        return epoch, idx, flips
+        return epoch, idx, mirror_flags(self.seed, epoch, j, self.batch, self.flip)
 
     def epoch_of(self, c: int) -> int:
         return c // self.per_epoch

@@ -252,6 +252,13 @@ def flip_key(seed: int, epoch: int, j: int) -> list[int]:
     return [seed, epoch, j, 1]
 
 
+def mirror_flags(seed: int, epoch: int, j: int, batch: int, enabled: bool) -> np.ndarray:
+    """Which samples of batch `j` of `epoch` are mirrored (each with probability 1/2; none if not `enabled`)."""
+    if not enabled:
+        return np.zeros(batch, bool)
+    return np.random.default_rng(flip_key(seed, epoch, j)).random(batch) < 0.5
+
+
 def crop_key(seed: int, c: int, position: int) -> list[int]:
     """The random crop of the sample at `position` of global micro-batch `c`."""
     return [seed, c, 2, position, 2]
@@ -280,9 +287,7 @@ class BatchPlan:
         """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
         epoch, j = divmod(c, self.per_epoch)
         idx = epoch_order(self.n, self.seed, epoch)[j * self.batch:(j + 1) * self.batch]
-        flips = (np.random.default_rng(flip_key(self.seed, epoch, j)).random(self.batch) < 0.5) if self.flip \
-            else np.zeros(self.batch, bool)
-        return epoch, idx, flips
+        return epoch, idx, mirror_flags(self.seed, epoch, j, self.batch, self.flip)
 
     def epoch_of(self, c: int) -> int:
         return c // self.per_epoch
