@@ -32,12 +32,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(ref: StableDiffusion, low: StableDiffusion, what: str, size: int, cache: dict | None = None, **kw):
     """`cache` keeps the float32 run for the next dtype compared on the same pipeline and settings."""
+    cache = {} if cache is None else cache
     key = (size, tuple(sorted(kw.items())))
-    if cache is None or key not in cache:
-        out = ref.generate(PROMPT, height=size, width=size, output_type="np", return_latents=True, **kw)
-        if cache is None:
-            cache = {}
-        cache[key] = out
+    if key not in cache:
+        cache[key] = ref.generate(PROMPT, height=size, width=size, output_type="np", return_latents=True, **kw)
     img32, lat32 = cache[key]
     img, lat = low.generate(PROMPT, height=size, width=size, output_type="np", return_latents=True, **kw)
     assert lat.dtype == mx.float32 and img.dtype == np.float32  # scheduler state and output stay float32
