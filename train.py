@@ -36,13 +36,13 @@ from lora.formats import adapter_from_model
 from mlx_sd import blas, device, distributed, memory
 from mlx_sd.buckets import BucketPlan, Buckets
 from mlx_sd.captions import CaptionVariants
-from mlx_sd.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
+from mlx_sd.checkpoint import CheckpointError, latest_checkpoint, length_change, load_checkpoint, resolve_resume
 from mlx_sd.config import ConfigError
 from mlx_sd.data import BatchPlan, dataset_fingerprint, load_or_encode, scan
 from mlx_sd.errors import MlxSdError
 from mlx_sd.heldout import heldout_loss, split_holdout
 from mlx_sd.io import WriteError, write_text
-from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, read_metrics
+from mlx_sd.logs import FILE_ONLY, MetricsLog, plot_loss, run_history
 from mlx_sd.model_card import write_model_card
 from mlx_sd.model_folder import MARKER, ModelFolder
 from mlx_sd.run import Run, open_run, stop_on_signal
@@ -50,7 +50,7 @@ from mlx_sd.schedulers import NoiseSchedule
 from mlx_sd.sources import fetch_hub_dataset, subset
 from mlx_sd.train_options import DEFAULT_STEPS, LOCAL_FLAGS, parse_args, validation_prompts
 from mlx_sd.trainer import CachedBatches, EncodingBatches, Schedule, Trainer
-from mlx_sd.training import LossConfig, TrainStep, make_optimizer, text_embeddings
+from mlx_sd.training import LossConfig, ScheduledAdamW, TrainStep, lr_factor, make_optimizer, text_embeddings
 
 logger = logging.getLogger("train")
 logger.addHandler(logging.NullHandler())  # before logs/ exists, errors are printed, not logged twice
@@ -241,15 +241,44 @@ def build_text_encoder(args, run: Run, folder: ModelFolder, lora_cfg: LoRAConfig
 
 
 def restore(world, run: Run, resume: Path | None, unet, optimizer, run_config: dict, text_encoder=None,
-            text_optimizer=None) -> int:
+            text_optimizer=None, max_steps: int | None = None) -> int:
     """The step to start from: 0, or checkpoint `resume`'s (rank 0 reads it; every rank gets its state)."""
     start_step = 0
     if resume is not None and run.main:
-        start_step = load_checkpoint(resume, unet, optimizer, run_config, text_encoder, text_optimizer)["step"]
+        state = load_checkpoint(resume, unet, optimizer, run_config, text_encoder, text_optimizer)
+        start_step = state["step"]
         run.say(f"resumed from {resume} at step {start_step}")
+        if changed := length_change(state, run_config):
+            say_length_change(run, resume, state, changed, start_step, max_steps, optimizer)
     if text_encoder is not None:
         distributed.share_training_state(world, text_encoder, text_optimizer, start_step)
     return distributed.share_training_state(world, unet, optimizer, start_step)
+
+
+def say_length_change(run: Run, resume: Path, state: dict, changed: dict, step: int, max_steps: int | None,
+                      optimizer) -> None:
+    """A resume with another run length: refuse going back, else say what the longer run does differently."""
+    what = ", ".join(f"--{k} {new} (checkpoint: {old})" for k, (old, new) in changed.items())
+    if max_steps is not None and step > max_steps:
+        raise CheckpointError(f"{resume} is at step {step}, past the {max_steps} steps of {what}. Give at least "
+                              f"{step} steps, or resume from an earlier checkpoint in {resume.parent}.")
+    saved = state.get("config", {})
+    line = f"run length changed: {what}; training continues to step {max_steps}."
+    old_total, lr = saved.get("max_train_steps"), saved.get("learning_rate")
+    if isinstance(optimizer, ScheduledAdamW) and old_total and lr:
+        steps = mx.arange(step + 1)
+        old = lr * lr_factor(saved.get("lr_scheduler", "constant"), saved.get("lr_warmup_steps", 0), old_total,
+                             saved.get("lr_num_cycles"), saved.get("lr_power", 1.0), lr_end_ratio=1e-7 / lr)(steps)
+        same = bool(mx.allclose(old, optimizer.schedule(steps), rtol=1e-6, atol=0.0))
+        if same:
+            line += (f" The LR schedule ({saved.get('lr_scheduler')}) is the same for both lengths up to here, so "
+                     "the run continues as a straight run of the new length would.")
+        else:
+            line += (" The LR schedule is recomputed for the new length, as diffusers' and kohya's scripts do: "
+                     f"at step {step} the LR is {optimizer.lr_at(step):.3g} (the old schedule's: "
+                     f"{float(old[-1]):.3g}). The result differs from a straight run of the new length, whose "
+                     f"first {step} steps would have followed the new schedule too.")
+    run.say(line)
 
 
 def heldout_scorer(args, run: Run, inputs: Inputs, unet, text_encoder=None):
@@ -308,7 +337,7 @@ def finish(args, run: Run, trainer: Trainer, unet, inputs: Inputs, run_config: d
     card = write_model_card(run.out / "lora_weights", run_config, step, [s.caption for s in inputs.samples],
                             [] if args.no_validation else validation_prompts(args), grids[-1] if grids else None,
                             written)
-    curve = plot_loss(read_metrics(run.logs / "metrics.jsonl"), run.logs / "loss_curve.png")
+    curve = plot_loss(run_history(run.logs.parent), run.logs / "loss_curve.png")
     if args.save_fused_pipeline:
         run.say(f"fused model: {save_fused_model(inputs.folder.path, unet, run.out / 'final_pipeline', text_encoder)}")
     if trainer.skipped_nan:
@@ -349,7 +378,8 @@ def train(args, world: distributed.World, run: Run) -> int:
                               args.lr_num_cycles, args.lr_power)
     optimizer = adamw(args.learning_rate)
     text_optimizer = adamw(args.text_encoder_lr or args.learning_rate) if text_encoder is not None else None
-    start_step = restore(world, run, resume, unet, optimizer, run_config, text_encoder, text_optimizer)
+    start_step = restore(world, run, resume, unet, optimizer, run_config, text_encoder, text_optimizer,
+                         max_steps)
     stepper = TrainStep(unet, optimizer, inputs.schedule, LossConfig(args.snr_gamma, args.noise_offset, inputs.scaling),
                         args.gradient_accumulation_steps, args.max_grad_norm,
                         group=world.group if world.size > 1 else None, text_encoder=text_encoder,

@@ -44,6 +44,9 @@ RESULT_NEUTRAL = frozenset({
     "num_validation_images", "validation_inference_steps", "validation_sampler", "validation_guidance_scale",
     "no_validation", "save_fused_pipeline", "skip_nan_steps", "strict_data",
 })
+# The run's length may change on resume ("train for more steps"): the LR schedule is then the one of
+# the new length evaluated from the checkpoint's step on, as diffusers' and kohya's scripts rebuild it.
+RUN_LENGTH = frozenset({"max_train_steps", "num_train_epochs"})
 
 
 class CheckpointError(MlxSdError, RuntimeError):
@@ -135,7 +138,8 @@ def _trains_text(path: Path) -> bool:
 def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, config: dict,
                     text_encoder: nn.Module | None = None, text_optimizer: optim.Optimizer | None = None) -> dict:
     """Restore adapter and optimizer (and the text encoder's, when it trains) into the live objects;
-    refuse a checkpoint of another run."""
+    refuse a checkpoint of another run. A different run length (RUN_LENGTH) is allowed: `length_change`
+    says what changed."""
     if problem := checkpoint_problem(path):
         raise CheckpointError(f"{path}: cannot resume from it: {problem}")
     if _trains_text(path) != (text_encoder is not None):
@@ -145,7 +149,7 @@ def load_checkpoint(path: Path, unet: nn.Module, optimizer: optim.Optimizer, con
                               "Resume with the original setting, or start a new --output_dir.")
     state = json.loads((path / STATE_FILE).read_text())
     saved = state.get("config", {})
-    keys = sorted(k for k in set(saved) & set(config) if k not in RESULT_NEUTRAL)
+    keys = sorted(k for k in set(saved) & set(config) if k not in RESULT_NEUTRAL | RUN_LENGTH)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]
     if diff:
         raise CheckpointError(f"{path} belongs to a different run and cannot be resumed here:\n  "
@@ -173,3 +177,10 @@ def _load_optimizer(file: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     # In place: compiled train steps hold a reference to this very state tree.
     for key, value in opt.items():
         set_by_path(optimizer.state, key, value.astype(expected[key].dtype))
+
+
+def length_change(state: dict, config: dict) -> dict[str, tuple]:
+    """The run-length settings (RUN_LENGTH) whose value differs between checkpoint `state` and `config`."""
+    saved = state.get("config", {})
+    return {k: (saved.get(k), config.get(k)) for k in sorted(RUN_LENGTH)
+            if k in saved and saved.get(k) != config.get(k)}

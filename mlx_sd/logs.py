@@ -63,6 +63,33 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_history(logs_root: Path) -> list[dict]:
+    """The whole run's training records across its `logs/<time>/metrics.jsonl` files, in step order.
+
+    A resumed run starts a new log folder at its checkpoint's step; where folders overlap (steps
+    trained after the checkpoint by a run that was then interrupted), the later folder's records win.
+    Unreadable lines are skipped."""
+    by_step: dict[tuple[int, str], dict] = {}
+    for folder in sorted(p for p in logs_root.iterdir() if p.is_dir()) if logs_root.is_dir() else []:
+        path = folder / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), int):
+                records.append(r)
+        if records:  # steps this folder trained again replace what an interrupted earlier folder wrote
+            first = min(r["step"] for r in records)
+            by_step = {k: v for k, v in by_step.items() if k[0] < first}
+        for r in records:
+            by_step[(r["step"], "val_loss" if "val_loss" in r else "loss")] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def plot_loss(records: list[dict], out: Path, smooth: int = 20) -> Path | None:
     """A plain loss curve (raw and moving average) drawn with PIL; no plotting library needed."""
     from PIL import Image, ImageDraw
