@@ -3,18 +3,20 @@
 Two ranks must write byte for byte the files one process writes (each image made by one rank
 with the seed it has in one process, rank 0 writing everything), and a run that loses a rank
 must keep its finished images and make exactly the missing ones when run again.
+Byte-identical holds for the same BLAS thread count in every process: on some CPUs OpenBLAS's
+sums depend on the number of threads, so the one-process run here uses the ranks' environment
+(one OpenBLAS thread each, `launch`'s), not this test process's.
 """
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
-from test_distributed import LAUNCHER, launch, per_rank
-
-from mlx_sd import generate as gen
+from test_distributed import LAUNCHER, ROOT, launch, per_rank
 
 pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not installed next to this python")
 
@@ -27,6 +29,15 @@ def command(model, template, out, *extra):
             "--width", 64, "--seed", 5, "--batch_size", 1, "--output_dir", out, *extra]
 
 
+def one_process(command, timeout=600):
+    """`command` in one process with the environment `launch` gives each rank (one BLAS thread)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
 def files(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
@@ -37,7 +48,7 @@ def runs(tiny_mlx_dir, tmp_path_factory):
     template = root / "t.txt"
     template.write_text(TEMPLATE)
     one = root / "one"
-    assert gen.main([str(a) for a in command(tiny_mlx_dir, template, one)]) == 0
+    one_process(["-m", "mlx_sd.generate", *command(tiny_mlx_dir, template, one)])
     two = root / "two"
     log = launch([sys.executable, "-m", "mlx_sd.generate", *command(tiny_mlx_dir, template, two)], timeout=600)
     return tiny_mlx_dir, template, one, two, log
