@@ -423,7 +423,10 @@ def setup_check(trainer: Trainer, unet, max_steps: int, say=print, args=None, va
     timings = []
     for i in range(2):  # the first step includes compilation
         t = time.perf_counter()
-        loss, _, _ = trainer.update(i)
+        loss, acc, _ = trainer.update(i)  # every micro-batch of update i, then the optimizer update itself
+        if math.isfinite(loss):
+            norm = trainer.stepper.apply_update(acc)
+            mx.eval(trainer.stepper.trained_state(), norm)
         timings.append(time.perf_counter() - t)
         if not math.isfinite(loss):
             say(f"check FAILED: loss is {loss} on the first batch")

@@ -104,9 +104,10 @@ def write_model_card(out_dir: Path, config: dict, steps: int, captions: list[str
     example = prompts[0] if prompts else (trigger[0] if trigger else (captions[0] if captions else "a photo"))
     base_load = base if is_repo_id(base) else "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+    base_dtype = config.get("base_dtype") or "float32"
     body = f"""# {name}: a LoRA for Stable Diffusion 1.5
 
-A LoRA adapter for `{base}`, trained with mlx-sd-lora (MLX, float32) on
+A LoRA adapter for `{base}`, trained with mlx-sd-lora (MLX; float32 adapter on {base_dtype} base weights) on
 {len(captions)} images from {source} ({distinct} distinct captions).
 {("Trigger words: " + ", ".join(f"`{t}`" for t in trigger) + " (at the start of every caption).") if trigger else ""}
 

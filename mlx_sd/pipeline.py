@@ -80,6 +80,17 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> N
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def nearest_multiples(value, m: int) -> str:
+    """The valid sizes either side of `value` (multiples of `m`), for an error message."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        return f"{8 * m} or {9 * m}"
+    lower = max(m, v // m * m)
+    upper = max(m, -(-v // m) * m)
+    return f"{lower}" if lower == upper else f"{lower} or {upper}"
+
+
 class StableDiffusion:
     """A loaded SD1.x model: `generate(prompts) -> [PIL.Image]`, with stackable LoRA adapters.
 
@@ -213,7 +224,8 @@ class StableDiffusion:
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % m:
                 raise ValueError(
                     f"{name}={v}: must be a positive multiple of {m} for this model (the VAE downsamples "
-                    f"by {self.vae_factor} and the UNet by {self.unet_factor} more), e.g. {8 * m} or {9 * m}")
+                    f"by {self.vae_factor} and the UNet by {self.unet_factor} more); the nearest are "
+                    f"{nearest_multiples(v, m)}")
         return height // self.vae_factor, width // self.vae_factor
 
     def _seeds(self, seed, n: int) -> list[int]:

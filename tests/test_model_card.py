@@ -48,6 +48,14 @@ def test_hub_base_model_and_no_validation(tmp_path):
     assert "| images per update | 16 (2 per micro-batch x 4 accumulation x 2 rank(s)) |" in text
     assert "caption_dropout_rate 0.1" in text and "from me/shoes (1 distinct captions)" in text
     assert '"a photo of \\"red\\" shoes: side view"' in text  # quoted, as code and YAML need
+    assert "float32 adapter on float32 base weights" in text
+
+
+def test_card_names_a_half_precision_base(tmp_path):
+    cfg = {"pretrained_model_name_or_path": "models/sd15", "output_dir": "runs/shoes", "base_dtype": "bfloat16"}
+    text = write_model_card(tmp_path, cfg, 10, ["shoes"], [], None, {}).read_text()
+    assert "float32 adapter on bfloat16 base weights" in text and "(MLX, float32)" not in text
+    assert "| precision | float32 adapter, bfloat16 base weights |" in text
 
 
 @pytest.mark.parametrize("caps, keep, expected", [

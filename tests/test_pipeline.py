@@ -107,10 +107,12 @@ def test_stochastic_sampler_noise_is_per_image(sd):
     assert rel_err(other[0], pair[1]) > 1e-2
 
 
-@pytest.mark.parametrize("h, w", [(100, 64), (64, 72), (0, 64)])
-def test_bad_size_is_a_clear_error(sd, h, w):
+@pytest.mark.parametrize("h, w, nearest", [(100, 64, "64 or 128"), (64, 72, "64 or 128"), (0, 64, "64"),
+                                          (600, 64, "576 or 640")])
+def test_bad_size_is_a_clear_error(sd, h, w, nearest):
     name = "height" if h != 64 else "width"
-    with pytest.raises(ValueError, match=rf"{name}={h if name == 'height' else w}: must be a positive multiple of 64"):
+    with pytest.raises(ValueError, match=rf"{name}={h if name == 'height' else w}: must be a positive multiple of 64"
+                       rf".*the nearest are {nearest}$"):
         sd.generate(PROMPT, steps=2, height=h, width=w)
 
 
