@@ -128,8 +128,9 @@ Example captions:
 | --- | --- |
 {listed}
 
-ComfyUI and A1111 load only `lora_kohya.safetensors`: given the diffusers or PEFT file, they skip its
-keys without an error and the image is the base model's.
+ComfyUI and A1111 load `lora_kohya.safetensors` completely. Do not give them the diffusers file: ComfyUI
+skips its UNet keys without an error and applies a trained text encoder's keys at scale 1.0 (alpha is only
+in the file's metadata), which is neither the adapter nor the base model.
 
 ## Use it
 

@@ -32,7 +32,7 @@ def test_trained_run_writes_a_complete_card(tiny_mlx_dir, tmp_path):
     for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora_kohya.safetensors"):
         assert f"`{name}`" in text and (folder / name).is_file()
     assert "| updates | 2 |" in text and "rank 8, alpha 16.0" in text and "tags shuffled (first 1 kept)" in text
-    assert "ComfyUI and A1111 load only `lora_kohya.safetensors`" in text
+    assert "ComfyUI and A1111 load `lora_kohya.safetensors` completely" in text
     assert "<lora:lora_kohya:0.8>" in text and "load_lora_weights(" in text
 
 
