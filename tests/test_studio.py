@@ -10,6 +10,7 @@ import csv
 import http.client
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -146,15 +147,98 @@ def mm_bradley_terry(W: np.ndarray, iters: int = 20000) -> np.ndarray:
     return t - t.mean()
 
 
-def test_bt_two_sources_closed_form():
-    # 7 wins, 3 losses, 2 ties: ties count as a win each, so P(a beats b) = 9/14 and t_a - t_b = ln(9/5).
-    a, b = np.zeros(12, dtype=np.int64), np.ones(12, dtype=np.int64)
-    outcome = np.array([0] * 7 + [1] * 3 + [2] * 2)
-    t = ranking.fit_bradley_terry(ranking.win_matrix(2, a, b, outcome))
-    assert t[0] - t[1] == pytest.approx(np.log(9 / 5), abs=1e-3)
-    assert t.sum() == pytest.approx(0, abs=1e-9)
-    scores = ranking.elo(t)
-    assert scores[0] - scores[1] == pytest.approx(400 * np.log10(9 / 5), abs=0.5)
+FASTCHAT_WINNER = {"A": "model_a", "B": "model_b", "tie": "tie", "both_bad": "tie (bothbad)"}
+
+
+def fastchat_mle_elo(votes: list[dict], SCALE=400, BASE=10, INIT_RATING=1000) -> dict[str, float]:
+    """FastChat's `compute_mle_elo` (fastchat/serve/monitor/elo_analysis.py, the version GenAI-Arena runs), step
+    by step on the same votes: its three pivot tables (pandas' union alignment: a cell absent from any table is
+    NaN and its pair is skipped), `ptbl_a_win * 2 + ptbl_b_win.T * 2 + ptbl_tie`, two weighted rows per
+    ordered pair, and scikit-learn's LogisticRegression(fit_intercept=False, penalty=None, tol=1e-6)."""
+    from sklearn.linear_model import LogisticRegression
+
+    battles = [(v["source_a"], v["source_b"], FASTCHAT_WINNER[v["answer"]]) for v in votes]
+
+    def pivot(rows):  # pd.pivot_table(..., index="model_a", columns="model_b", aggfunc="size", fill_value=0)
+        table = {}
+        for ma, mb, _ in rows:
+            table[ma, mb] = table.get((ma, mb), 0) + 1
+        return {ma for ma, _, _ in rows}, {mb for _, mb, _ in rows}, table
+
+    a_idx, a_col, a_win = pivot([r for r in battles if r[2] == "model_a"])
+    b_idx, b_col, b_win = pivot([r for r in battles if r[2] == "model_b"])
+    ties = [r for r in battles if r[2] in ("tie", "tie (bothbad)")]
+    t_idx, t_col, tie = pivot(ties) if ties else (a_idx, a_col, {})
+    index = sorted(a_idx | b_col | t_idx | t_col)
+    columns = sorted(a_col | b_idx | t_col | t_idx)
+
+    def win(i, j):  # ptbl_win.loc[i, j], NaN where one of the aligned tables lacks the cell
+        cells = [(i in a_idx and j in a_col, 2 * a_win.get((i, j), 0)),
+                 (j in b_idx and i in b_col, 2 * b_win.get((j, i), 0))]
+        if ties:
+            cells.append((i in t_idx and j in t_col and j in t_idx and i in t_col,
+                          tie.get((i, j), 0) + tie.get((j, i), 0)))
+        else:
+            cells.append((i in a_idx and j in a_col, 0))
+        return sum(v for _, v in cells) if all(ok for ok, _ in cells) else math.nan
+
+    models = {m: k for k, m in enumerate(index)}
+    X, Y, weights = [], [], []
+    for ma in index:
+        for mb in columns:
+            if ma == mb or math.isnan(win(ma, mb)) or math.isnan(win(mb, ma)):
+                continue
+            row = np.zeros(len(models))
+            row[models[ma]], row[models[mb]] = math.log(BASE), -math.log(BASE)
+            X += [row, row]
+            Y += [1.0, 0.0]
+            weights += [win(ma, mb), win(mb, ma)]
+    import sklearn
+
+    # scikit-learn 1.8 renamed FastChat's penalty=None (no regularisation) to C=inf; same fit.
+    new = tuple(map(int, sklearn.__version__.split(".")[:2])) >= (1, 8)
+    unpenalised = {"C": math.inf} if new else {"penalty": None}
+    lr = LogisticRegression(fit_intercept=False, tol=1e-6, **unpenalised)
+    lr.fit(np.array(X), np.array(Y), sample_weight=np.array(weights))
+    return dict(zip(index, SCALE * lr.coef_[0] + INIT_RATING))
+
+
+def ours(votes: list[dict]) -> dict[str, float]:
+    return {r["name"]: r["score"] for r in ranking.summarize(votes, rounds=0)["ratings"]}
+
+
+def test_bt_matches_fastchat_on_seven_three_two():
+    pytest.importorskip("sklearn", reason="scikit-learn runs FastChat's formula: pip install -e '.[dev]'")
+    # lora wins 7, loses 3, ties 2 (one "both bad"), on both sides of the pair as an arena shows them: FastChat's
+    # pivot-table sum leaves a pair out when one outcome never occurs in one orientation.
+    def v(a, b, answer, n=1):
+        return [{"source_a": a, "source_b": b, "answer": answer}] * n
+
+    votes = (v("lora", "base", "A", 4) + v("base", "lora", "B", 3) + v("lora", "base", "B", 2) + v("base", "lora", "A")
+             + v("lora", "base", "tie") + v("base", "lora", "both_bad"))
+    got, ref = ours(votes), fastchat_mle_elo(votes)
+    assert set(got) == set(ref)
+    for name in ref:
+        assert got[name] == pytest.approx(ref[name], abs=0.5), (name, got, ref)
+    assert got["lora"] - got["base"] > 110  # a tie weighed like two decisive votes would give 102
+
+
+def test_bt_matches_fastchat_on_random_votes():
+    pytest.importorskip("sklearn", reason="scikit-learn runs FastChat's formula: pip install -e '.[dev]'")
+    rng = np.random.default_rng(7)
+    names = ["base", "r8", "r16", "r32"]
+    true = np.array([-0.5, 0.1, 0.4, 0.2])
+    votes = []
+    for _ in range(200):
+        i, j = rng.choice(4, 2, replace=False)
+        p = 1 / (1 + np.exp(-(true[i] - true[j])))
+        u = rng.random()
+        answer = "tie" if u < 0.12 else "both_bad" if u < 0.2 else "A" if rng.random() < p else "B"
+        votes.append({"source_a": names[i], "source_b": names[j], "answer": answer})
+    got, ref = ours(votes), fastchat_mle_elo(votes)
+    assert set(got) == set(ref) == set(names)
+    for name in names:
+        assert got[name] == pytest.approx(ref[name], abs=0.5), (name, got, ref)
 
 
 def test_bt_matches_mm_on_four_sources():
@@ -193,9 +277,6 @@ def test_summary_counts_matrix_and_intervals():
     rows = {(p["a"], p["b"]): p for p in s["pairs"]}
     assert rows[("lora", "base")]["a_wins"] == 12 and rows[("lora", "base")]["b_wins"] == 4
     assert rows[("base", "lora")]["ties"] == 2 and rows[("base", "lora")]["both_bad"] == 2
-    # Ties and both-bad count as a win for each side: 16 vs 8 wins, so t_lora - t_base = ln(16 / 8).
-    gap = s["ratings"][0]["score"] - s["ratings"][1]["score"]
-    assert gap == pytest.approx(400 * np.log10(16 / 8), abs=0.5)
 
 
 # ----------------------------------------------------------------------------- store, sources, pairing
