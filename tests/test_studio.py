@@ -29,7 +29,7 @@ pytest.importorskip("starlette", reason="the studio extra is not installed: pip 
 
 from mlx_sd.studio import ranking
 from mlx_sd.studio.sources import Item, MetricsTail, Source, match, open_roots, safe_path
-from mlx_sd.studio.votes import VoteStore
+from mlx_sd.studio.votes import NonceError, VoteStore
 
 PROMPTS = ["a black shoe on white", "a brown boot on white"]
 
@@ -284,11 +284,18 @@ def test_summary_counts_matrix_and_intervals():
 
 def test_vote_store_is_wal_and_append_only(tmp_path):
     store = VoteStore(tmp_path / "v.sqlite")
-    vid = store.add(rater="r", source_a="x", source_b="y", image_a="/a.png", image_b="/b.png", prompt="p", seed=1,
-                    pair_id="abc", shown="BA", answer="tie")
+    row = dict(source_a_id="0.x", source_b_id="0.y", rater="r", source_a="x", source_b="y", image_a="/a.png",
+               image_b="/b.png", prompt="p", seed=1, pair_id="abc", shown="BA", answer="tie")
+    nonce = store.issue("abc", "0.x", "0.y")
     with pytest.raises(ValueError):
-        store.add(rater="r", source_a="x", source_b="y", image_a="", image_b="", prompt="p", seed=1, pair_id="abc",
-                  shown="AB", answer="left")
+        store.add(**{**row, "answer": "left"}, nonce=nonce)
+    with pytest.raises(NonceError):  # issued for another pair
+        store.add(**{**row, "pair_id": "abd"}, nonce=nonce)
+    vid = store.add(**row, nonce=nonce)
+    with pytest.raises(NonceError, match="already voted"):
+        store.add(**row, nonce=nonce)
+    with pytest.raises(NonceError, match="not offered"):
+        store.add(**row, nonce="0123456789abcdef")
     store.close()
     conn = sqlite3.connect(tmp_path / "v.sqlite")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -307,7 +314,29 @@ def test_metrics_tail_reads_only_complete_lines(tmp_path):
         f.write('ss": 0.5}\n' + metric_line(4))
     assert [r["step"] for r in tail.refresh()] == [1, 2, 3, 4]
     path.write_text(metric_line(9))  # replaced (a new run in the same file): start over
-    assert [r["step"] for r in tail.refresh()] == [9]
+    assert [r["step"] for r in tail.refresh()] == [9] and tail.gen == 1
+    # Replaced by a longer file, in place or by a rename: read again from its start, never from the old offset.
+    path.write_text("".join(metric_line(s) for s in range(101, 120)))
+    assert [r["step"] for r in tail.refresh()] == list(range(101, 120)) and tail.gen == 2
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(metric_line(s) for s in range(201, 240)))
+    os.replace(new, path)
+    assert [r["step"] for r in tail.refresh()] == list(range(201, 240)) and tail.gen == 3
+
+
+def test_metrics_tail_turns_non_finite_values_into_gaps_and_lists_bad_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(metric_line(1) + json.dumps({"step": 2, "loss": 0.1, "grad_norm": float("nan"),
+                                                 "val_loss": float("inf")}) + "\n"
+                    + '{"step": 3, "loss": 1e999}\n' + "not json\n" + "[1, 2]\n" + metric_line(4))
+    tail = MetricsTail(path)
+    recs = tail.refresh()
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[1]["grad_norm"] is None and recs[1]["val_loss"] is None and recs[2]["loss"] is None
+    json.dumps(recs, allow_nan=False)  # what Starlette's JSONResponse requires
+    assert [(p["kind"], p["line"]) for p in tail.problems] == [("non-finite", 2), ("non-finite", 3), ("skipped", 4),
+                                                               ("skipped", 5)]
+    assert tail.bad_lines == 2
 
 
 def test_pairs_need_same_prompt_and_seed():
@@ -426,19 +455,31 @@ def test_server_rejects_bad_votes_and_stores_nothing(studio, tmp_path):
         ({**good, "nonce": "../x"}, 400),
         ({**good, "b": "9.images"}, 400),
         ({**good, "b": a}, 400),
+        ({**good, "pair": [nxt["pair"]]}, 400),  # was a 500 (unhashable)
+        ({**good, "pair": {"x": 1}}, 400),
+        ({**good, "a": [a]}, 400),
+        ({**good, "nonce": "0123456789abcdef"}, 400),  # a nonce this server never issued
+        ("[1, 2]", 400),
+        ("{not json", 400),
+        (b'{"answer": "\xff"}', 400),
     ]
     for body, status in bad:
-        assert studio.request("POST", "/api/ab/vote", body)[0] == status, body
+        headers = {"Content-Type": "application/json"}
+        assert studio.request("POST", "/api/ab/vote", body, headers)[0] == status, body
     assert studio.request("POST", "/api/ab/vote", json.dumps(good), {"Content-Type": "text/plain"})[0] == 415
+    assert studio.request("GET", "/files/0/" + "x" * 300 + ".png")[0] == 400  # ENAMETOOLONG, was a 500
     assert studio.json("/api/ab/results")["votes"] == 0
     status, data = studio.request("POST", "/api/ab/vote", good)
     assert status == 200
     vote = json.loads(data)
+    # The same vote again (a double click, a replay) is refused: one row per pair shown.
+    assert [studio.request("POST", "/api/ab/vote", good)[0] for _ in range(2)] == [409, 409]
     assert {vote["left"], vote["right"]} == {"base", "lora"}
     status, data = studio.request("GET", "/api/ab/votes.csv")
     exported = list(csv.DictReader(io.StringIO(data.decode())))
     assert status == 200 and len(exported) == 1
     assert exported[0]["rater"] == "t" and exported[0]["pair_id"] == nxt["pair"]
+    assert exported[0]["winner"] == ("base" if exported[0]["answer (A: source_a, B: source_b)"] == "A" else "lora")
     rows = sqlite3.connect(tmp_path / "votes.sqlite").execute("SELECT source_a, source_b, shown, answer FROM votes")
     rows = rows.fetchall()
     assert len(rows) == 1
@@ -447,12 +488,14 @@ def test_server_rejects_bad_votes_and_stores_nothing(studio, tmp_path):
     assert answer == ("A" if shown == "AB" else "B") and vote["left"] == ("base" if shown == "AB" else "lora")
 
 
-def test_concurrent_votes_over_http_are_all_stored(studio, tmp_path):
+def test_concurrent_votes_over_http_are_all_stored(tmp_path):
     """8 clients x 25 votes at once (bounded, loopback only): every vote lands exactly once."""
     from concurrent.futures import ThreadPoolExecutor
 
+    folders = [make_generated(tmp_path / "x", (0, 0, 255), n=13), make_generated(tmp_path / "y", (9, 9, 9), n=13)]
+    studio = Studio(folders, tmp_path / "votes.sqlite")
     sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
-    a, b = sources["run step 100"], sources["run step 300"]
+    a, b = sources["x"], sources["y"]
 
     def client(k):
         stored = []
@@ -465,11 +508,166 @@ def test_concurrent_votes_over_http_are_all_stored(studio, tmp_path):
             stored.append(json.loads(data)["id"])
         return stored
 
-    with ThreadPoolExecutor(8) as pool:
-        ids = [i for got in pool.map(client, range(8)) for i in got]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            ids = [i for got in pool.map(client, range(8)) for i in got]
+    finally:
+        studio.kill()
     rows = sqlite3.connect(tmp_path / "votes.sqlite").execute("SELECT id, rater FROM votes").fetchall()
     assert sorted(ids) == sorted(r[0] for r in rows) and len(set(ids)) == 200
     assert all(sum(1 for r in rows if r[1] == f"c{k}") == 25 for k in range(8))
+
+
+def vm_kib(pid: int, key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def raw_post(studio, path: str, length: int, body: bytes, content_type="application/json") -> tuple[str, float]:
+    """POST with a chosen Content-Length, the body pushed from a thread; (status line, seconds to the answer)."""
+    import socket
+    import threading
+
+    conn = socket.create_connection((studio.host, studio.port))
+    conn.settimeout(20)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {studio.host}:{studio.port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+    def push():
+        try:
+            conn.sendall(head)
+            for k in range(0, len(body), 1 << 20):
+                conn.sendall(body[k:k + (1 << 20)])
+        except OSError:  # the server answered and closed: what a bounded server does
+            pass
+
+    threading.Thread(target=push, daemon=True).start()
+    t = time.monotonic()
+    try:
+        line = conn.recv(200).split(b"\r\n")[0].decode()
+    except TimeoutError:
+        line = "no answer"
+    conn.close()
+    return line, time.monotonic() - t
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
+def test_request_bodies_are_bounded(studio, tmp_path):
+    """A 50 MB vote and a 10 GB Content-Length are refused (413) before being read: no row, no memory growth."""
+    sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    a, b = sources["base"], sources["lora"]
+    nxt = studio.json(f"/api/ab/next?a={a}&b={b}&rater=t")
+    vote = {"a": a, "b": b, "pair": nxt["pair"], "nonce": nxt["nonce"], "answer": "left", "rater": "t"}
+    peak = vm_kib(studio.proc.pid, "VmHWM")
+    big = json.dumps({**vote, "pad": "x" * 50_000_000}).encode()
+    line, _ = raw_post(studio, "/api/ab/vote", len(big), big)
+    assert " 413 " in line, line
+    line, seconds = raw_post(studio, "/api/ab/vote", 10_000_000_000, b"{}")
+    assert " 413 " in line and seconds < 5, (line, seconds)
+    grown = (vm_kib(studio.proc.pid, "VmHWM") - peak) / 1024
+    assert grown < 10, f"peak RSS grew {grown:.0f} MiB"  # reading the 50 MB body grew it by ~140 MiB
+    assert studio.json("/api/ab/results")["votes"] == 0
+    assert studio.request("POST", "/api/ab/vote", vote)[0] == 200  # the server still answers, the nonce unused
+
+
+def test_undo_skip_and_all_pairs_rated(studio, tmp_path):
+    sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    a, b = sources["base"], sources["lora"]
+    seen, nonces = [], []
+    for k in range(4):  # base and lora share 4 pairs
+        nxt = studio.json(f"/api/ab/next?a={a}&b={b}&rater=ana")
+        assert nxt["rated"] == k and nxt["total"] == 4
+        skip = studio.json(f"/api/ab/next?a={a}&b={b}&rater=ana&skip={nxt['pair']}")
+        if 4 - k > 1:
+            assert skip["pair"] != nxt["pair"]  # skipping offers another pair
+        seen.append(nxt["pair"])
+        nonces.append(nxt["nonce"])
+        vote = {"a": a, "b": b, "pair": nxt["pair"], "nonce": nxt["nonce"], "answer": "tie", "rater": "ana"}
+        assert studio.request("POST", "/api/ab/vote", vote)[0] == 200
+    assert len(set(seen)) == 4
+    done = studio.json(f"/api/ab/next?a={a}&b={b}&rater=ana")
+    assert done["pair"] is None and done["done"] and "all 4 pairs" in done["reason"]
+    status, data = studio.request("POST", "/api/ab/undo", {"nonce": nonces[-1]})
+    assert status == 200 and json.loads(data)["votes"] == 3
+    assert studio.request("POST", "/api/ab/undo", {"nonce": nonces[-1]})[0] == 409
+    assert studio.request("POST", "/api/ab/undo", {"nonce": "0123456789abcdef"})[0] == 404
+    again = studio.json(f"/api/ab/next?a={a}&b={b}&rater=ana")
+    assert again["pair"] == seen[-1]  # the undone pair is offered again
+    assert studio.json("/api/ab/results?rounds=0")["votes"] == 3
+    rows = list(csv.DictReader(io.StringIO(studio.request("GET", "/api/ab/votes.csv")[1].decode())))
+    assert len(rows) == 4 and [bool(r["undone"]) for r in rows] == [False, False, False, True]
+
+
+def test_csv_cells_that_would_run_as_formulas_are_escaped(studio):
+    sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    a, b = sources["base"], sources["lora"]
+    for rater in ('=HYPERLINK("http://example.com","x")', "+1", "-1", "@SUM(A1)", "plain"):
+        nxt = studio.json(f"/api/ab/next?a={a}&b={b}&rater=r")
+        vote = {"a": a, "b": b, "pair": nxt["pair"], "nonce": nxt["nonce"], "answer": "right", "rater": rater}
+        assert studio.request("POST", "/api/ab/vote", vote)[0] == 200
+    rows = list(csv.DictReader(io.StringIO(studio.request("GET", "/api/ab/votes.csv")[1].decode())))
+    assert [r["rater"] for r in rows] == ["'=HYPERLINK(\"http://example.com\",\"x\")", "'+1", "'-1", "'@SUM(A1)",
+                                          "plain"]
+
+
+def test_a_symlink_out_of_the_folder_is_never_offered(folders, tmp_path):
+    base = folders[1]
+    (tmp_path / "outside.png").write_bytes((base / "images" / "prompt00000_img000.png").read_bytes())
+    os.symlink(tmp_path / "outside.png", base / "images" / "link.png")
+    os.symlink(tmp_path / "outside.png", folders[0] / "validation" / "epoch009_step0900_prompt0_img0.png")
+    caps = json.loads((base / "captions.json").read_text())
+    (base / "captions.json").write_text(json.dumps({"link.png": PROMPTS[0], **caps}))
+    s = Studio(folders, tmp_path / "v.sqlite")
+    try:
+        sources = {x["name"]: x for x in s.json("/api/sources")}
+        assert sources["base"]["count"] == 4 and "run step 900" not in sources
+        a, b = sources["base"]["id"], sources["lora"]["id"]
+        for _ in range(12):
+            nxt = s.json(f"/api/ab/next?a={a}&b={b}&rater=t")
+            assert s.request("GET", nxt["left"])[0] == 200 and s.request("GET", nxt["right"])[0] == 200
+        assert all(im["step"] != 900 for im in s.json("/api/timeline?root=0")["images"])
+    finally:
+        s.kill()
+
+
+def test_metrics_with_nan_and_a_replaced_file_over_http(studio, folders):
+    metrics = folders[0] / "logs" / "20260101-120000" / "metrics.jsonl"
+    run = "0/20260101-120000"
+    first = studio.json(f"/api/metrics?run={run}")
+    assert first["total"] == 7 and first["gen"] == 0
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 8, "loss": 0.1, "grad_norm": float("nan")}) + "\n{broken\n")
+    d = studio.json(f"/api/metrics?run={run}&from=7&gen=0")
+    assert [r["step"] for r in d["records"]] == [8] and d["records"][0]["grad_norm"] is None
+    assert [p["kind"] for p in d["problems"]] == ["non-finite", "skipped"]
+    metrics.write_text("".join(metric_line(s) for s in range(101, 131)))
+    d = studio.json(f"/api/metrics?run={run}&from=8&gen=0")
+    assert d["gen"] == 1 and d["from"] == 0 and [r["step"] for r in d["records"]] == list(range(101, 131))
+    status, data = studio.request("GET", f"/api/metrics.csv?run={run}")
+    lines = data.decode().splitlines()
+    assert status == 200 and lines[0].startswith("step,epoch,loss") and len(lines) == 31
+
+
+def test_cli_names_a_port_in_use_and_reachable_addresses(folders, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mlx_sd.studio", str(folders[0]), "--port", str(port), "--db",
+                            str(tmp_path / "v.sqlite")], check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+    s = Studio(folders, tmp_path / "v.sqlite", "--host", "0.0.0.0")
+    try:
+        text = "".join(s.output)
+        assert "0.0.0.0:" not in text.split("listening")[-1].replace("(0.0.0.0)", "")
+        from mlx_sd.studio.server import reachable_addresses
+
+        assert s.host != "0.0.0.0" and (s.host in reachable_addresses(socket.AF_INET) or "no address" in text)
+        token = re.search(r"token=([\w-]+)", s.url).group(1)
+        assert s.request("GET", "/api/sources", headers={"X-Studio-Token": token})[0] == 200
+    finally:
+        s.kill()
 
 
 def test_blind_images_follow_the_hidden_placement(studio):

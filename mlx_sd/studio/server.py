@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     # A wildcard address (0.0.0.0, ::) is where the server listens, not an address a browser can open.
     wildcard = ipaddress.ip_address(host.split("%")[0]).is_unspecified
-    hosts = (reachable_addresses(family) if wildcard else []) or [host]
+    hosts = reachable_addresses(family) if wildcard else [host]
+    if wildcard and not hosts:
+        print("no address of this machine that others can reach was found (no network?)", flush=True)
+        hosts = ["::1" if family == socket.AF_INET6 else "127.0.0.1"]
     print(f"mlx-sd-studio: {len(args.folders)} folder(s), votes in {db}", flush=True)
     if token:
         print("bound to a non-loopback address: every request must carry this token", flush=True)
