@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -65,8 +66,8 @@ def browser():
 def setup(tmp_path):
     run = make_run(tmp_path / "shoes-r8")
     run2 = make_run(tmp_path / "shoes-r16", lines=5, steps=(100, 200), scale=0.07)
-    base = make_generated(tmp_path / "base", BLUE)
-    lora = make_generated(tmp_path / "lora", RED)
+    base = make_generated(tmp_path / "base", BLUE, n=11)  # 22 pairs: more than any test votes on
+    lora = make_generated(tmp_path / "lora", RED, n=11)
     db = tmp_path / "votes.sqlite"
     studio = Studio([run, run2, base, lora], db)
     yield studio, run, db
@@ -81,9 +82,9 @@ def new_page(browser, studio):
 
 
 def n_points(page, run_id: str, key: str = "loss") -> tuple[int, int]:
-    """(data-n, number of x,y pairs actually drawn) of one run's polyline."""
-    line = page.locator(f'#chart-{key} polyline.series[data-run="{run_id}"][data-key="{key}"]')
-    return int(line.get_attribute("data-n")), len(line.get_attribute("points").split())
+    """(data-n, number of x,y pairs actually drawn) of one run's line (an SVG path: M/L per point)."""
+    line = page.locator(f'#chart-{key} path.series[data-run="{run_id}"][data-key="{key}"]')
+    return int(line.get_attribute("data-n")), len(re.findall(r"[ML]", line.get_attribute("d")))
 
 
 def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup):
@@ -91,22 +92,25 @@ def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup)
     page = new_page(browser, studio)
     page.goto(studio.base + "/runs")
     run_id = "0/20260101-120000"
-    page.wait_for_selector(f'polyline.series[data-run="{run_id}"]')
+    page.wait_for_selector(f'path.series[data-run="{run_id}"]')
     assert n_points(page, run_id) == (7, 7)  # metrics.jsonl has 7 lines
     assert n_points(page, "1/20260101-120000") == (5, 5)  # the second run on the same chart
-    for key in ("lr", "grad_norm", "s_per_step", "peak_memory_gb"):
+    for key in ("lr", "grad_norm", "peak_memory_gb"):
         assert n_points(page, run_id, key) == (7, 7)
+    # Seconds per step: the first step (compile included) is written beside the chart, not on its axis.
+    assert n_points(page, run_id, "s_per_step") == (6, 6)
+    assert "shoes-r8 20260101-120000 step 1: 2.5 s" in page.locator("#chart-s_per_step .note").inner_text()
     page.evaluate("window.__notReloaded = true")
     metrics = run / "logs" / "20260101-120000" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write(metric_line(8))
         f.write(json.dumps({"step": 8, "epoch": 0, "val_loss": 0.02}) + "\n")
     page.wait_for_function(
-        f"""() => document.querySelector('#chart-loss polyline.series[data-run="{run_id}"][data-key="loss"]')
+        f"""() => document.querySelector('#chart-loss path.series[data-run="{run_id}"][data-key="loss"]')
                  .getAttribute('data-n') === '8'""", timeout=TIMEOUT_MS)
     assert n_points(page, run_id) == (8, 8)
     assert page.evaluate("window.__notReloaded") is True
-    page.wait_for_selector(f'polyline.series[data-run="{run_id}"][data-key="val_loss"][data-n="1"]', state="attached")
+    page.wait_for_selector(f'path.series[data-run="{run_id}"][data-key="val_loss"][data-n="1"]', state="attached")
     assert page.locator(f'#chart-loss circle.marker[data-run="{run_id}"][data-key="val_loss"]').count() == 1
     screenshot(page, "studio-runs.png")
     page.context.close()
@@ -268,7 +272,7 @@ def test_pages_work_without_network_access(browser, setup):
     outside = []
     page.context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(studio.base)
                        else (outside.append(route.request.url), route.abort()))
-    for path, ready in (("/runs", "polyline.series"), ("/timeline", ".strip img"), ("/ab", "#srcA option")):
+    for path, ready in (("/runs", "path.series"), ("/timeline", ".strip img"), ("/ab", "#srcA option")):
         page.goto(studio.base + path)
         page.wait_for_selector(ready, state="attached")
         time.sleep(0.3)
