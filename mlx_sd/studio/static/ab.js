@@ -30,8 +30,8 @@ async function next(skip) {
   done.hidden = !d.done;
   if (!d.pair) {
     document.getElementById("arena").hidden = !d.done;  // all rated: undo stays at hand
-    document.getElementById("prompt").textContent = "";
-    for (const id of ["left", "right"]) document.getElementById(id).removeAttribute("src");
+    document.getElementById("pairview").hidden = true;
+    document.getElementById("progress").textContent = d.done ? `you have rated ${d.rated} of ${d.total} pairs` : "";
     current = null;
     if (d.done) { done.textContent = d.reason; msg(""); } else msg(d.reason, true);
     busy = false;
@@ -49,6 +49,7 @@ async function next(skip) {
   document.getElementById("progress").textContent =
     `${cast} vote(s) cast this session; you have rated ${d.rated} of ${d.total} pairs`;
   document.getElementById("arena").hidden = false;
+  document.getElementById("pairview").hidden = false;
   document.getElementById("arena").dataset.pair = d.pair;
   busy = false;
   document.body.dataset.ready = "1";
