@@ -522,15 +522,16 @@ def vm_kib(pid: int, key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
-def raw_post(studio, path: str, length: int, body: bytes, content_type="application/json") -> tuple[str, float]:
+def raw_post(studio, path: str, length: int | None, body: bytes, content_type="application/json") -> tuple[str, float]:
     """POST with a chosen Content-Length, the body pushed from a thread; (status line, seconds to the answer)."""
     import socket
     import threading
 
     conn = socket.create_connection((studio.host, studio.port))
     conn.settimeout(20)
+    size = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
     head = (f"POST {path} HTTP/1.1\r\nHost: {studio.host}:{studio.port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+            f"{size}\r\n\r\n").encode()
 
     def push():
         try:
@@ -552,7 +553,8 @@ def raw_post(studio, path: str, length: int, body: bytes, content_type="applicat
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
 def test_request_bodies_are_bounded(studio, tmp_path):
-    """A 50 MB vote and a 10 GB Content-Length are refused (413) before being read: no row, no memory growth."""
+    """A 50 MB vote, a 10 GB Content-Length and a chunked 50 MB body are refused (413) before being read: no row,
+    no memory growth."""
     sources = {s["name"]: s["id"] for s in studio.json("/api/sources")}
     a, b = sources["base"], sources["lora"]
     nxt = studio.json(f"/api/ab/next?a={a}&b={b}&rater=t")
@@ -563,6 +565,9 @@ def test_request_bodies_are_bounded(studio, tmp_path):
     assert " 413 " in line, line
     line, seconds = raw_post(studio, "/api/ab/vote", 10_000_000_000, b"{}")
     assert " 413 " in line and seconds < 5, (line, seconds)
+    chunk = b"x" * (1 << 20)  # no Content-Length at all: 50 chunks of 1 MB, refused once 16 KB are in
+    line, _ = raw_post(studio, "/api/ab/vote", None, (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 50 + b"0\r\n\r\n")
+    assert " 413 " in line, line
     grown = (vm_kib(studio.proc.pid, "VmHWM") - peak) / 1024
     assert grown < 10, f"peak RSS grew {grown:.0f} MiB"  # reading the 50 MB body grew it by ~140 MiB
     assert studio.json("/api/ab/results")["votes"] == 0
