@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -65,8 +66,8 @@ def browser():
 def setup(tmp_path):
     run = make_run(tmp_path / "shoes-r8")
     run2 = make_run(tmp_path / "shoes-r16", lines=5, steps=(100, 200), scale=0.07)
-    base = make_generated(tmp_path / "base", BLUE)
-    lora = make_generated(tmp_path / "lora", RED)
+    base = make_generated(tmp_path / "base", BLUE, n=11)  # 22 pairs: more than any test votes on
+    lora = make_generated(tmp_path / "lora", RED, n=11)
     db = tmp_path / "votes.sqlite"
     studio = Studio([run, run2, base, lora], db)
     yield studio, run, db
@@ -81,9 +82,9 @@ def new_page(browser, studio):
 
 
 def n_points(page, run_id: str, key: str = "loss") -> tuple[int, int]:
-    """(data-n, number of x,y pairs actually drawn) of one run's polyline."""
-    line = page.locator(f'#chart-{key} polyline.series[data-run="{run_id}"][data-key="{key}"]')
-    return int(line.get_attribute("data-n")), len(line.get_attribute("points").split())
+    """(data-n, number of x,y pairs actually drawn) of one run's line (an SVG path: M/L per point)."""
+    line = page.locator(f'#chart-{key} path.series[data-run="{run_id}"][data-key="{key}"]')
+    return int(line.get_attribute("data-n")), len(re.findall(r"[ML]", line.get_attribute("d")))
 
 
 def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup):
@@ -91,22 +92,25 @@ def test_runs_page_draws_every_line_and_follows_the_growing_file(browser, setup)
     page = new_page(browser, studio)
     page.goto(studio.base + "/runs")
     run_id = "0/20260101-120000"
-    page.wait_for_selector(f'polyline.series[data-run="{run_id}"]')
+    page.wait_for_selector(f'path.series[data-run="{run_id}"]')
     assert n_points(page, run_id) == (7, 7)  # metrics.jsonl has 7 lines
     assert n_points(page, "1/20260101-120000") == (5, 5)  # the second run on the same chart
-    for key in ("lr", "grad_norm", "s_per_step", "peak_memory_gb"):
+    for key in ("lr", "grad_norm", "peak_memory_gb"):
         assert n_points(page, run_id, key) == (7, 7)
+    # Seconds per step: the first step (compile included) is written beside the chart, not on its axis.
+    assert n_points(page, run_id, "s_per_step") == (6, 6)
+    assert "shoes-r8 20260101-120000 step 1: 2.5 s" in page.locator("#chart-s_per_step .note").inner_text()
     page.evaluate("window.__notReloaded = true")
     metrics = run / "logs" / "20260101-120000" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write(metric_line(8))
         f.write(json.dumps({"step": 8, "epoch": 0, "val_loss": 0.02}) + "\n")
     page.wait_for_function(
-        f"""() => document.querySelector('#chart-loss polyline.series[data-run="{run_id}"][data-key="loss"]')
+        f"""() => document.querySelector('#chart-loss path.series[data-run="{run_id}"][data-key="loss"]')
                  .getAttribute('data-n') === '8'""", timeout=TIMEOUT_MS)
     assert n_points(page, run_id) == (8, 8)
     assert page.evaluate("window.__notReloaded") is True
-    page.wait_for_selector(f'polyline.series[data-run="{run_id}"][data-key="val_loss"][data-n="1"]', state="attached")
+    page.wait_for_selector(f'path.series[data-run="{run_id}"][data-key="val_loss"][data-n="1"]', state="attached")
     assert page.locator(f'#chart-loss circle.marker[data-run="{run_id}"][data-key="val_loss"]').count() == 1
     screenshot(page, "studio-runs.png")
     page.context.close()
@@ -268,9 +272,172 @@ def test_pages_work_without_network_access(browser, setup):
     outside = []
     page.context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(studio.base)
                        else (outside.append(route.request.url), route.abort()))
-    for path, ready in (("/runs", "polyline.series"), ("/timeline", ".strip img"), ("/ab", "#srcA option")):
+    for path, ready in (("/runs", "path.series"), ("/timeline", ".strip img"), ("/ab", "#srcA option")):
         page.goto(studio.base + path)
         page.wait_for_selector(ready, state="attached")
         time.sleep(0.3)
     assert outside == []
     page.context.close()
+
+
+def svg_texts(page, selector: str) -> list[str]:
+    return page.locator(selector).evaluate_all("els => els.map(e => e.textContent)")
+
+
+def grow(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def test_runs_page_survives_nan_bad_lines_a_failing_run_and_a_replaced_file(browser, setup):
+    studio, run, _ = setup
+    metrics = run / "logs" / "20260101-120000" / "metrics.jsonl"
+    other = run.parent / "shoes-r16" / "logs" / "20260101-120000" / "metrics.jsonl"
+    grow(metrics, json.dumps({"step": 8, "epoch": 0, "loss": 0.01, "grad_norm": float("nan")}) + "\n{broken\n"
+         + metric_line(9))
+    page = new_page(browser, studio)
+    run_id, other_id = "0/20260101-120000", "1/20260101-120000"
+    for attempt in ("first load", "reload"):  # a NaN once froze every run, even after a reload
+        page.goto(studio.base + "/runs") if attempt == "first load" else page.reload()
+        page.wait_for_selector(f'#chart-grad_norm path.series[data-run="{run_id}"][data-gaps="1"]', state="attached")
+        assert n_points(page, run_id, "grad_norm") == (8, 8)  # 9 lines with a grad_norm, one of them NaN
+        assert n_points(page, run_id, "loss") == (9, 9)
+        d = page.locator(f'#chart-grad_norm path.series[data-run="{run_id}"]').get_attribute("d")
+        assert d.count("M") == 2  # the line stops at the NaN and starts again after it
+        problems = page.locator("#problems").inner_text()
+        assert "line 8: step 8: grad_norm not finite" in problems and "line 9: skipped" in problems, problems
+    # One run's failing answers (here: forced to 500) never stop the other run from following its file.
+    page.route(re.compile(r"/api/metrics\?run=0%2F"), lambda route: route.fulfill(
+        status=500, content_type="application/json", body='{"error": "disk on fire"}'))
+    grow(other, metric_line(6) + metric_line(7))
+    page.wait_for_selector(f'#chart-loss path.series[data-run="{other_id}"][data-n="7"]', state="attached")
+    page.wait_for_function("() => document.querySelector('#problems').innerText.includes('disk on fire')")
+    page.unroute(re.compile(r"/api/metrics\?run=0%2F"))
+    # A file replaced by a longer one is read from its start: no step of the old file stays.
+    metrics.write_text("".join(metric_line(s) for s in range(101, 131)))
+    page.wait_for_selector(f'#chart-loss path.series[data-run="{run_id}"][data-n="30"]', state="attached")
+    assert "disk on fire" not in page.locator("#problems").inner_text()
+    screenshot(page, "studio-runs-problems.png")
+    page.context.close()
+
+
+def test_runs_zoom_hover_log_ticks_smoothing_settings_and_png(browser, tmp_path):
+    short = make_run(tmp_path / "short", lines=100, steps=(50,))
+    long = make_run(tmp_path / "long", lines=10_000, steps=(5000,), scale=0.3)
+    for path, cfg in ((short, {"seed": 42, "rank": 8, "learning_rate": 1e-4}),
+                      (long, {"seed": 7, "rank": 16, "learning_rate": 1e-4})):
+        config = path / "logs" / "20260101-120000" / "config.json"
+        config.write_text(json.dumps({**cfg, "validation_prompts": PROMPTS}))
+    studio = Studio([short, long], tmp_path / "v.sqlite")
+    page = new_page(browser, studio)
+    try:
+        page.goto(studio.base + "/runs")
+        long_loss = '#chart-loss path.series[data-run="1/20260101-120000"][data-n="10000"]'
+        page.wait_for_selector(long_loss, state="attached")
+        assert page.evaluate("document.body.dataset.view") == "all"
+        box = page.locator("#chart-loss svg").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, -300)  # zoom in around the cursor
+        page.wait_for_function("() => document.body.dataset.view !== 'all'")
+        page.fill("#x0", "1")
+        page.fill("#x1", "100")
+        page.locator("#x1").dispatch_event("change")
+        page.wait_for_function("() => document.body.dataset.view === '1-100'")
+        for key in ("loss", "lr", "grad_norm"):  # every chart shares the zoomed step axis
+            xt = [float(t) for t in svg_texts(page, f"#chart-{key} text.xtick")]
+            assert xt and min(xt) >= 1 and max(xt) <= 100, (key, xt)
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] / 2)
+        page.wait_for_selector("#tip:not([hidden])")
+        tip = page.locator("#tip").inner_text()
+        assert "short 20260101-120000 loss" in tip and "long 20260101-120000 loss" in tip, tip
+        assert page.locator("#chart-loss text.ylabel").text_content() == "loss (MSE)"
+        assert page.locator("#chart-peak_memory_gb text.ylabel").text_content() == "GB"
+        page.check("#logy")
+        page.wait_for_function("() => document.querySelector('#chart-loss text.ylabel').textContent.includes('log')")
+        ticks = [float(t) for t in svg_texts(page, "#chart-loss text.ytick")]
+        assert len(ticks) >= 2 and all(f"{t:.0e}"[0] in "125" and float(f"{t:.0e}") == t for t in ticks), ticks
+        page.check("#smooth")
+        page.wait_for_selector("#chart-loss path.smooth", state="attached")
+        assert page.locator("#chart-lr path.smooth").count() == 0  # the schedule is drawn as it is
+        screenshot(page, "studio-runs-zoomed.png")
+        diff = page.locator("#settings-table tr.diff").evaluate_all("rows => rows.map(r => r.dataset.key)")
+        assert diff == ["rank", "seed"], diff
+        with page.expect_download() as dl:
+            page.locator("#chart-loss button.png").click()
+        png = Image.open(dl.value.path())
+        assert png.format == "PNG" and png.size == (1120, 500)
+        assert len(png.convert("RGB").getcolors(1 << 20)) > 3  # lines, not a blank image
+    finally:
+        page.context.close()
+        studio.kill()
+
+
+def test_timeline_puts_two_runs_side_by_side(browser, setup):
+    studio, _, _ = setup
+    page = new_page(browser, studio)
+    page.goto(studio.base + "/timeline?root=0&with=1")
+    page.wait_for_selector(".pairstrip img")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.pairstrip img')].every(i => i.complete && i.naturalWidth)")
+    assert page.locator(".pairstrip").count() == 4  # 2 prompts x 2 images, matched on prompt text and seed
+    cells = page.evaluate("""() => [...document.querySelectorAll('.pairstrip')].map(r =>
+        [...r.querySelectorAll('.cell')].map(c => [c.dataset.step,
+          [...c.querySelectorAll('img')].map(i => i.dataset.run), c.querySelectorAll('.missing').length]))""")
+    for row in cells:  # shoes-r16 stopped at step 200: its place at 300 is marked empty
+        assert row == [["100", ["shoes-r8", "shoes-r16"], 0], ["200", ["shoes-r8", "shoes-r16"], 0],
+                       ["300", ["shoes-r8"], 1]]
+    screenshot(page, "studio-timeline-compare.png")
+    page.locator('.pairstrip img[data-run="shoes-r16"]').first.click()
+    page.wait_for_selector("#lightbox.open")
+    assert "shoes-r16 - step 100" in page.locator("#lightbox .cap").inner_text()
+    page.context.close()
+
+
+def test_phone_width_pages_fit_and_ab_keys_skip_undo_and_all_rated(browser, setup):
+    studio, _, db = setup
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    for path, ready in (("/runs", "path.series"), ("/timeline", ".strip img")):
+        page.goto(studio.base + path)
+        page.wait_for_selector(ready, state="attached")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+        screenshot(page, f"studio{path.replace('/', '-')}-390.png")
+    page.goto(studio.base + "/ab")
+    page.wait_for_selector("#srcA option", state="attached")
+    ids = {s["name"]: s["id"] for s in studio.json("/api/sources")}
+    page.select_option("#srcA", ids["shoes-r8 step 100"])  # 4 pairs with shoes-r16 step 100
+    page.select_option("#srcB", ids["shoes-r16 step 100"])
+    page.fill("#rater", "ana")
+    page.press("#rater", "Enter")  # Enter in the rater box starts
+    page.wait_for_selector('body[data-ready="1"]')
+    first = page.locator("#arena").get_attribute("data-pair")
+    page.wait_for_function("() => document.querySelector('#right').complete")
+    screenshot(page, "studio-ab-390-voting.png")
+    page.keyboard.press("s")  # skip: another pair, no vote
+    page.wait_for_function(f"() => document.body.dataset.ready === '1' && "
+                           f"document.querySelector('#arena').dataset.pair !== '{first}'")
+    page.keyboard.press("Shift+A")  # upper case, as with Shift or Caps Lock
+    wait_votes(page, 1)
+    page.keyboard.press("B")
+    wait_votes(page, 2)
+    page.keyboard.press("u")  # undo the last vote
+    wait_votes(page, 1)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 2
+    assert conn.execute("SELECT COUNT(*) FROM undone").fetchone()[0] == 1
+    for k in range(3):
+        page.keyboard.press("t")
+        wait_votes(page, 2 + k)
+    page.wait_for_selector("#done:not([hidden])")
+    assert "all 4 pairs" in page.locator("#done").inner_text()
+    assert not page.locator("#left").is_visible() and page.locator("#undo").is_visible()
+    page.keyboard.press("t")  # nothing left to vote on: nothing stored
+    time.sleep(0.3)
+    assert conn.execute("SELECT COUNT(*) FROM votes WHERE id NOT IN (SELECT vote_id FROM undone)").fetchone()[0] == 4
+    page.wait_for_selector('#results[data-votes="4"]', state="attached")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    screenshot(page, "studio-ab-390.png")
+    ctx.close()

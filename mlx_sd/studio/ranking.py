@@ -2,8 +2,9 @@
 
 Follows GenAI-Arena, which uses FastChat's Chatbot Arena analysis (`compute_mle_elo`,
 `get_bootstrap_result`, `compute_pairwise_win_fraction` in fastchat/serve/monitor/elo_analysis.py):
-- Bradley-Terry fitted by logistic regression without intercept, P(i beats j) = sigmoid(t_i - t_j);
-  a tie counts as one win for each side, and "both bad" is a tie (FastChat's "tie (bothbad)").
+- Bradley-Terry fitted by logistic regression without intercept, P(i beats j) = sigmoid(t_i - t_j),
+  weighted as `compute_mle_elo` weighs its table of wins: a decisive vote counts as two wins for its
+  winner, a tie as one win for each side, and "both bad" is a tie (FastChat's "tie (bothbad)").
 - Reported on the Elo scale FastChat uses: 1000 + 400 * t / ln(10).
 - 95% intervals: the 2.5 and 97.5 percentiles of fits on battles resampled with replacement.
 - Win fraction of i over j: i's wins over j divided by the decisive (non-tie) battles between them.
@@ -27,11 +28,12 @@ ELO_INIT = 1000.0
 
 def win_matrix(n: int, a: np.ndarray, b: np.ndarray, outcome: np.ndarray,
                weight: np.ndarray | None = None) -> np.ndarray:
-    """W[i, j] = wins of i over j, a tie adding one to both W[i, j] and W[j, i].
+    """W[i, j] = weighted wins of i over j: 2 per vote i won, 1 per tie between them (in both W[i, j] and W[j, i]).
 
     outcome per battle: 0 = a won, 1 = b won, 2 = tie (or both bad).
     """
     w = np.ones(len(a)) if weight is None else np.asarray(weight, dtype=np.float64)
+    w = w * np.where(outcome == 2, 1.0, 2.0)
     W = np.zeros((n, n))
     np.add.at(W, (a[outcome != 1], b[outcome != 1]), w[outcome != 1])
     np.add.at(W, (b[outcome != 0], a[outcome != 0]), w[outcome != 0])

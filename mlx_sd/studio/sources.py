@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -90,53 +91,113 @@ def safe_path(root: Path, rel: str) -> Path:
         raise ValueError("absolute paths are refused")
     if ".." in re.split(r"[/\\]", rel):
         raise ValueError("'..' in a path is refused")
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root):
+    try:
+        target = (root / rel).resolve()
+        inside = target.is_relative_to(root)
+        is_file = inside and target.is_file()
+    except OSError as e:  # a name longer than the file system allows, a symlink loop...
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"unreadable path ({e.strerror or e})") from None
+    if not inside:
         raise PermissionError("the path leads outside the served folders")
-    if not target.is_file():
+    if not is_file:
         raise FileNotFoundError(rel)
     return target
+
+
+def servable(root: Path, rel: str) -> bool:
+    """Whether `safe_path` would serve `root/rel`: only such files are listed or offered for comparison."""
+    try:
+        safe_path(root, rel)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
+def _finite_or_none(text: str):
+    v = float(text)
+    return v if math.isfinite(v) else None
+
+
 class MetricsTail:
-    """Reads a growing metrics.jsonl incrementally: only bytes after the last complete line are read again."""
+    """Reads a growing metrics.jsonl incrementally: only bytes after the last complete line are read again.
+
+    Non-finite numbers (`NaN`, `Infinity`, 1e999) become None, a gap in the curve, and are listed in
+    `problems` with the lines that are not JSON objects. A file replaced by another one (new inode, or
+    its first bytes changed) is read again from the start and `gen` counts up, so a page holding the
+    old records knows to drop them.
+    """
+
+    HEAD = 256  # bytes compared to notice a file rewritten in place
 
     def __init__(self, path: Path):
         self.path = path
         self.records: list[dict] = []
-        self.bad_lines = 0
+        self.problems: list[dict] = []
+        self.gen = 0
         self._offset = 0
+        self._lines = 0
+        self._ident: tuple | None = None
+        self._head = b""
         self._lock = threading.Lock()
+
+    @property
+    def bad_lines(self) -> int:
+        return sum(1 for p in self.problems if p["kind"] == "skipped")
+
+    def _reset(self) -> None:
+        self.records, self.problems, self._offset, self._lines, self._head = [], [], 0, 0, b""
+        self.gen += 1
+
+    def _note(self, kind: str, line: int, what: str) -> None:
+        if len(self.problems) < 200:  # a file of garbage must not grow every answer without bound
+            self.problems.append({"kind": kind, "line": line, "what": what})
 
     def refresh(self) -> list[dict]:
         with self._lock:
             try:
-                size = self.path.stat().st_size
+                st = self.path.stat()
+                with open(self.path, "rb") as f:
+                    head = f.read(min(self.HEAD, self._offset))
+                    replaced = (st.st_dev, st.st_ino) != self._ident or head != self._head[:len(head)]
+                    if replaced or st.st_size < self._offset:
+                        if self._ident is not None:
+                            self._reset()
+                        self._ident = (st.st_dev, st.st_ino)
+                    if st.st_size == self._offset:
+                        return self.records
+                    f.seek(self._offset)
+                    chunk = f.read(st.st_size - self._offset)
             except FileNotFoundError:
                 return self.records
-            if size < self._offset:  # the file was replaced: start over
-                self.records, self._offset, self.bad_lines = [], 0, 0
-            if size == self._offset:
-                return self.records
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read(size - self._offset)
             end = chunk.rfind(b"\n")
             if end < 0:  # a line is being written: wait for its newline
                 return self.records
             for line in chunk[:end].split(b"\n"):
+                self._lines += 1
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    self.bad_lines += 1
+                    rec = json.loads(line, parse_constant=lambda _: None, parse_float=_finite_or_none)
+                except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+                    self._note("skipped", self._lines, f"not JSON ({e.__class__.__name__}): "
+                               + line[:80].decode("utf-8", "replace"))
                     continue
-                if isinstance(rec, dict):
-                    self.records.append(rec)
+                if not isinstance(rec, dict):
+                    self._note("skipped", self._lines, f"not a JSON object: {line[:80].decode('utf-8', 'replace')}")
+                    continue
+                gaps = [k for k, v in rec.items() if v is None]
+                if gaps:
+                    self._note("non-finite", self._lines, f"step {rec.get('step')}: {', '.join(gaps)} not finite")
+                self.records.append(rec)
+            if self._offset == 0:
+                self._head = chunk[:self.HEAD]
+            elif len(self._head) < self.HEAD:
+                self._head = (self._head + chunk)[:self.HEAD]
             self._offset += end + 1
             return self.records
 
@@ -192,7 +253,7 @@ def validation_images(root: Root) -> list[ValidationImage]:
     out = []
     for name in os.listdir(folder):
         m = VALIDATION_RE.match(name)
-        if m:
+        if m and servable(root.path, f"validation/{name}"):
             e, s, p, i = map(int, m.groups())
             out.append(ValidationImage(e, s, p, i, f"validation/{name}"))
     return sorted(out, key=lambda v: (v.step, v.prompt, v.image))
@@ -247,7 +308,10 @@ def _folder_items(root: Root) -> tuple[Item, ...]:
     for name, caption in records:
         rel = os.path.relpath(images / name, root.path)
         path = root.path / rel
-        if Path(name).suffix.lower() not in IMAGE_SUFFIXES or not (caption or "").strip() or not path.is_file():
+        # Only what the server will serve: a symlink out of the folder would be offered, then refused.
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES or not (caption or "").strip():
+            continue
+        if not servable(root.path, rel):
             continue
         seed = _png_seed(path) if path.suffix.lower() == ".png" else None
         items.append(Item(root.id, rel, caption.strip(), seed))
