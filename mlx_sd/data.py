@@ -98,15 +98,15 @@ def read_text(path: Path) -> str:
         if data.startswith(bom):
             encoding, body = enc, data[len(bom):]
             break
-    try:
-        text = body.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not {encoding.upper()} text (byte 0x{body[e.start]:02x} at offset "
-                        f"{e.start + len(data) - len(body)}); save it as UTF-8") from None
-    if "\0" in text:
-        raise DataError(f"{path}: not text (NUL characters: UTF-16 without a byte-order mark, or a binary file); "
+    if encoding == "utf-8" and b"\0" in body:
+        raise DataError(f"{path}: not text (NUL bytes: UTF-16 without a byte-order mark, or a binary file); "
                         "save it as UTF-8")
-    return text
+    try:
+        return body.decode(encoding)
+    except UnicodeDecodeError as e:
+        hint = ": another encoding, such as Latin-1?" if encoding == "utf-8" else ""
+        raise DataError(f"{path}: not {encoding.upper()} text (byte 0x{body[e.start]:02x} at offset "
+                        f"{e.start + len(data) - len(body)}{hint}); save it as UTF-8") from None
 
 
 @dataclass
