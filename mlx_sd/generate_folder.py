@@ -194,7 +194,11 @@ def _adapter_diff(old: list, new: list) -> list[str]:
 def check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.exists() and (any((out / "images").glob("*.png")) or any((out / REJECTED_DIR).glob("*.png"))):
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise GenerateError(f"{path}: invalid JSON ({e}); it records the settings of the images in {out}: "
+                                "restore it, or use another --output_dir") from None
         old_lora = old.get("lora", [])
         if old_lora and _adapter_ids(old_lora) is None:
             raise GenerateError(
