@@ -183,6 +183,7 @@ def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan, bu
     text = args.train_text_encoder  # batches then bring token ids, which the train step embeds
     variants = CaptionVariants(args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
                                args.caption_separator)
+    variants.check([s.caption for s in inputs.samples])
     if args.no_cache:
         return EncodingBatches(plan, rows, inputs.samples, args.resolution, args.center_crop,
                                folder.vae(), None if text else folder.text_encoder(), inputs.tokenizer, variants,

@@ -12,9 +12,18 @@ does a run on any number of ranks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import MlxSdError
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionError(MlxSdError, ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,30 @@ class CaptionVariants:
             return ""
         if not self.shuffle:
             return caption
-        tags = [t.strip() for t in caption.split(self.separator)]
-        tags = [t for t in tags if t]
+        tags = self.tags(caption)
         head, tail = tags[:self.keep_tokens], tags[self.keep_tokens:]
         return ", ".join(head + [tail[i] for i in rng.permutation(len(tail))])
+
+    def tags(self, caption: str) -> list[str]:
+        return [t for t in (t.strip() for t in caption.split(self.separator)) if t]
+
+    def check(self, captions: list[str]) -> None:
+        """Refuse a --keep_tokens above every caption's tag count (nothing would be shuffled); warn
+        once when it is above some captions' counts (those are never shuffled)."""
+        if not self.shuffle or not self.keep_tokens:
+            return
+        counts = [len(self.tags(c)) for c in captions]
+        short = [i for i, n in enumerate(counts) if n < self.keep_tokens]
+        if not short:
+            return
+        i = short[0]
+        example = f"{captions[i]!r} has {counts[i]} tag(s) separated by {self.separator!r}"
+        if len(short) == len(captions):
+            raise CaptionError(f"--keep_tokens {self.keep_tokens} is above the tag count of every caption (e.g. "
+                               f"{example}): --shuffle_caption would shuffle nothing. Lower --keep_tokens, or check "
+                               "--caption_separator")
+        logger.warning("--keep_tokens %d is above the tag count of %d of %d captions (e.g. %s): their tags are "
+                       "not shuffled", self.keep_tokens, len(short), len(captions), example)
 
     def for_batch(self, captions: list[str], seed: int, c: int, first: int) -> list[str]:
         """Variants of consecutive positions first, first + 1, ... of micro-batch `c`."""

@@ -16,22 +16,29 @@ import hashlib
 import json
 import logging
 import os
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import MlxSdError
 from .logs import FILE_ONLY
-from .io import atomic_file
+from .io import ImageModeError, WriteError, atomic_file, to_rgb
 
 logger = logging.getLogger(__name__)
 
 CAPTION_FILES = ("captions.json", "metadata.jsonl")
 SIDECAR_EXTENSIONS = (".txt", ".caption")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# What PIL raises for a file it cannot decode: OSError (truncated, not an image: UnidentifiedImageError),
+# SyntaxError (malformed PNG/GIF chunks), ValueError, EOFError, struct.error and zlib.error (damaged
+# headers and streams), DecompressionBombError (larger than PIL's pixel limit).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 _FILE_KEYS = ("file_name", "image", "file", "filename", "path")
 _TEXT_KEYS = ("text", "caption", "prompt")
 
@@ -46,50 +53,127 @@ class Sample:
     caption: str
 
 
-def _records_from_json(obj, source: Path, image_column: str | None = None,
-                       caption_column: str | None = None) -> list[tuple[str, str]]:
-    if isinstance(obj, dict):
+def _record(rec, where: str, file_keys, text_keys, image_column, caption_column) -> tuple[str, str]:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: not an object with a file name and a caption")
+    f = next((rec[k] for k in file_keys if k in rec), None)
+    if f is None:
+        raise DataError(f"{where}: no file name (one of {', '.join(file_keys)}; keys present: "
+                        f"{', '.join(rec) or 'none'})" + ("; check --image_column" if image_column else ""))
+    if caption_column and caption_column not in rec:
+        raise DataError(f"{where}: no {caption_column!r} column (--caption_column); keys present: {', '.join(rec)}")
+    t = next((rec[k] for k in text_keys if k in rec), "")
+    return str(f), t if isinstance(t, str) else ""
+
+
+def _records_from_json(obj, source: Path, image_column: str | None = None, caption_column: str | None = None,
+                       line: int | None = None) -> list[tuple[str, str]]:
+    """Records of captions.json (a mapping or a list), or of one metadata.jsonl `line` (its one object)."""
+    if isinstance(obj, dict) and line is None:
         return [(str(k), v if isinstance(v, str) else "") for k, v in obj.items()]
-    if not isinstance(obj, list):
-        raise DataError(f"{source}: expected a mapping {{file: caption}} or a list of records")
     # An imagefolder's "image" column is its file_name key (as the datasets library reads it).
     file_keys = (image_column, "file_name") if image_column else _FILE_KEYS
     text_keys = (caption_column,) if caption_column else _TEXT_KEYS
-    out = []
-    for i, rec in enumerate(obj):
-        if not isinstance(rec, dict):
-            raise DataError(f"{source}: entry {i} is not an object with a file name and a caption")
-        f = next((rec[k] for k in file_keys if k in rec), None)
-        if f is None:
-            raise DataError(f"{source}: entry {i} has no file name (one of {', '.join(file_keys)}; keys present: "
-                            f"{', '.join(rec) or 'none'})" + ("; check --image_column" if image_column else ""))
-        if caption_column and caption_column not in rec:
-            raise DataError(f"{source}: entry {i} has no {caption_column!r} column (--caption_column); keys "
-                            f"present: {', '.join(rec)}")
-        t = next((rec[k] for k in text_keys if k in rec), "")
-        out.append((str(f), t if isinstance(t, str) else ""))
-    return out
+    if line is not None:
+        return [_record(obj, f"{source} line {line}", file_keys, text_keys, image_column, caption_column)]
+    if not isinstance(obj, list):
+        raise DataError(f"{source}: expected a mapping {{file: caption}} or a list of records")
+    return [_record(rec, f"{source} entry {i}", file_keys, text_keys, image_column, caption_column)
+            for i, rec in enumerate(obj)]
 
 
-def _sidecar_records(images: Path, extension: str) -> list[tuple[str, str | None]]:
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents: UTF-8, or UTF-8/16/32 after its byte-order mark (which is dropped).
+
+    DataError (naming the file) for anything else: another 8-bit encoding, UTF-16 without a BOM
+    (it shows as NUL bytes) or binary data; guessing would train on garbled captions silently.
+    """
+    data = path.read_bytes()
+    encoding, body = "utf-8", data
+    for bom, enc in _BOMS:
+        if data.startswith(bom):
+            encoding, body = enc, data[len(bom):]
+            break
+    if encoding == "utf-8" and b"\0" in body:
+        raise DataError(f"{path}: not text (NUL bytes: UTF-16 without a byte-order mark, or a binary file); "
+                        "save it as UTF-8")
+    try:
+        return body.decode(encoding)
+    except UnicodeDecodeError as e:
+        hint = ": another encoding, such as Latin-1?" if encoding == "utf-8" else ""
+        raise DataError(f"{path}: not {encoding.upper()} text (byte 0x{body[e.start]:02x} at offset "
+                        f"{e.start + len(data) - len(body)}{hint}); save it as UTF-8") from None
+
+
+@dataclass
+class Captions:
+    """What a dataset folder lists: (file, caption) records, relative to `images`, and what was not read.
+
+    `problems`: one message per file left out (an unreadable caption file, an image that the
+    captions file does not list, an image type that is not read); `notes`: which caption source
+    was used when several are present.
+    """
+
+    images: Path
+    records: list[tuple[str, str | None]]
+    problems: list[str]
+    notes: list[str]
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in (raw.strip() for raw in text.splitlines()) if line), "")
+
+
+def _sidecar_records(images: Path, extension: str) -> Captions:
     """(image, caption) for every image in the folder with its caption file beside it, kohya's layout
-    (`a.png` + `a.txt`); the caption is the file's first non-empty line, None when the file is missing."""
-    out = []
-    for path in sorted(images.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+    (`a.png` + `a.txt`); the caption is the file's first non-empty line, None when the file is missing.
+    Caption files that cannot be read, and files of other image types beside a caption, are problems."""
+    records, problems = [], []
+    files = sorted(p for p in images.iterdir() if p.is_file())
+    stems = {p.stem for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            if suffix not in (extension.lower(), *SIDECAR_EXTENSIONS) and path.stem not in stems \
+                    and path.with_suffix(extension).is_file() and not path.name.startswith("."):
+                kind = f"{suffix} files are" if suffix else "files without an extension are"
+                problems.append(f"{path.name}: {kind} not read as images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "convert it to PNG to train on it")
             continue
         cap = path.with_suffix(extension)
         text = None
         if cap.is_file():
-            lines = [line.strip() for line in cap.read_text(encoding="utf-8", errors="replace").splitlines()]
-            text = next((line for line in lines if line), "")
-        out.append((path.name, text))
-    return out
+            try:
+                text = _first_line(read_text(cap))
+            except (DataError, OSError) as e:
+                problems.append(f"{path.name}: caption file unreadable: {e}")
+                continue
+        records.append((path.name, text))
+    return Captions(images, records, problems, [])
 
 
-def read_captions(data_dir: str | Path, caption_extension: str | None = None, image_column: str | None = None,
-                  caption_column: str | None = None) -> tuple[Path, list[tuple[str, str | None]]]:
-    """Return (images folder, [(file name, caption)]) for a dataset folder.
+def _unlisted(images: Path, records: list[tuple[str, str | None]], source: Path) -> list[str]:
+    """Images in the images folder that the captions file does not name: never trained on, so named."""
+    listed = {os.path.normcase(os.path.normpath(n)) for n, _ in records}
+    return [f"{p.name}: not listed in {source} (add it there to train on it)"
+            for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            and not p.name.startswith(".") and os.path.normcase(p.name) not in listed]
+
+
+def _other_sources(folder: Path, used: Path) -> list[str]:
+    sidecars = {ext: sum(1 for _ in folder.glob(f"*{ext}")) for ext in SIDECAR_EXTENSIONS}
+    found = [f"{n} {ext} caption file(s)" for ext, n in sidecars.items() if n]
+    found += [name for name in CAPTION_FILES if (folder / name).is_file() and folder / name != used]
+    return [f"captions are read from {used}; {' and '.join(found)} in {folder} are not read"] if found else []
+
+
+def read_dataset(data_dir: str | Path, caption_extension: str | None = None, image_column: str | None = None,
+                 caption_column: str | None = None) -> Captions:
+    """The records of a dataset folder, and what in it is not read.
 
     Looked for in the folder, its `images/` and its `train/` (a Hub imagefolder's split): captions.json,
     metadata.jsonl, then caption files beside the images (`.txt`, `.caption`). `caption_extension` reads
@@ -103,36 +187,45 @@ def read_captions(data_dir: str | Path, caption_extension: str | None = None, im
     if caption_extension:
         ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
         for folder in folders:
-            records = _sidecar_records(folder, ext)
-            if any(text is not None for _, text in records):
-                return folder, records
+            found = _sidecar_records(folder, ext)
+            if any(text is not None for _, text in found.records):
+                return found
         raise DataError(f"{data_dir}: no image with a {ext} caption file beside it (--caption_extension {ext})")
     for folder in folders:
         cj, mj = folder / "captions.json", folder / "metadata.jsonl"
         if cj.exists():
             try:
-                obj = json.loads(cj.read_text(encoding="utf-8"))
+                obj = json.loads(read_text(cj))
             except json.JSONDecodeError as e:
                 raise DataError(f"{cj}: invalid JSON ({e})") from None
-            return (images if folder == data_dir else folder), _records_from_json(obj, cj, image_column,
-                                                                                   caption_column)
+            where = images if folder == data_dir else folder
+            records = _records_from_json(obj, cj, image_column, caption_column)
+            return Captions(where, records, _unlisted(where, records, cj), _other_sources(where, cj))
         if mj.exists():
-            recs = []
-            for n, line in enumerate(mj.read_text(encoding="utf-8").splitlines(), 1):
+            records = []
+            for n, line in enumerate(read_text(mj).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    recs += _records_from_json([json.loads(line)], Path(f"{mj}:{n}"), image_column, caption_column)
+                    obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{mj} line {n}: invalid JSON ({e})") from None
-            return (mj.parent, recs)
+                records += _records_from_json(obj, mj, image_column, caption_column, line=n)
+            return Captions(folder, records, _unlisted(folder, records, mj), _other_sources(folder, mj))
     for folder in folders:
         for ext in SIDECAR_EXTENSIONS:
-            records = _sidecar_records(folder, ext)
-            if any(text is not None for _, text in records):
-                return folder, records
+            found = _sidecar_records(folder, ext)
+            if any(text is not None for _, text in found.records) or found.problems:
+                return found
     raise DataError(f"{data_dir}: no captions: expected captions.json or metadata.jsonl (in the folder, images/ or "
                     "train/), or a caption file beside each image (a.png + a.txt; --caption_extension for others)")
+
+
+def read_captions(data_dir: str | Path, caption_extension: str | None = None, image_column: str | None = None,
+                  caption_column: str | None = None) -> tuple[Path, list[tuple[str, str | None]]]:
+    """(images folder, [(file name, caption)]) of a dataset folder (`read_dataset`'s records)."""
+    found = read_dataset(data_dir, caption_extension, image_column, caption_column)
+    return found.images, found.records
 
 
 def scan(data_dir: str | Path, strict: bool = False, caption_extension: str | None = None,
@@ -142,8 +235,11 @@ def scan(data_dir: str | Path, strict: bool = False, caption_extension: str | No
     Returns (usable samples, one message per skipped entry). With `strict`, any problem raises.
     The other arguments are `read_captions`'.
     """
-    images, records = read_captions(data_dir, caption_extension, image_column, caption_column)
-    good, problems = [], []
+    found = read_dataset(data_dir, caption_extension, image_column, caption_column)
+    images, records = found.images, found.records
+    for note in found.notes:
+        logger.warning("%s", note)
+    good, problems = [], list(found.problems)
     seen: dict[str, str] = {}  # resolved file -> the name it was first listed under
     for name, caption in records:
         rel = os.path.normpath(name)
@@ -169,8 +265,11 @@ def scan(data_dir: str | Path, strict: bool = False, caption_extension: str | No
             continue
         try:
             with Image.open(path) as im:
-                im.load()  # full decode: catches truncated/corrupt files that open() accepts
-        except Exception as e:
+                to_rgb(im)  # full decode and conversion: catches truncated/corrupt files that open() accepts
+        except ImageModeError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        except IMAGE_ERRORS as e:
             problems.append(f"{name}: unreadable image ({type(e).__name__}: {e})")
             continue
         good.append(Sample(path, caption.strip()))
@@ -182,16 +281,6 @@ def scan(data_dir: str | Path, strict: bool = False, caption_extension: str | No
         raise DataError(f"{data_dir}: no usable images ({len(problems)} entries skipped)" +
                         ("".join(f"\n  {p}" for p in problems[:20])))
     return good, problems
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparency is composited on white (product photos are on white)."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in im.info or im.mode in ("RGBA", "LA", "PA")):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
@@ -426,6 +515,30 @@ def encode_captions(text_encoder, tokenizer, captions: list[str], batch_size: in
     return np.concatenate(out), np.array([row[c] for c in captions], dtype=np.int64)
 
 
+# What np.load and EncodedData.from_arrays raise for a damaged or foreign npz: a truncated or non-zip
+# file (BadZipFile, EOFError, OSError, ValueError), a missing array (KeyError), unknown or missing
+# fields (TypeError).
+CACHE_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile)
+
+
+def _read_cache(path: Path, n: int, flip: bool, buckets) -> EncodedData | None:
+    """The cached EncodedData at `path` if it is readable and matches; None to encode again."""
+    try:
+        with np.load(path) as z:
+            data = EncodedData.from_arrays(z)
+    except CACHE_ERRORS as e:  # a damaged cache is rebuilt, never trusted
+        logger.warning("ignoring unreadable cache %s (%s: %s); encoding again", path, type(e).__name__, e)
+        return None
+    same_buckets = (data.bucket is None) if buckets is None else (
+        data.bucket is not None and np.array_equal(data.bucket, buckets[0])
+        and np.array_equal(data.bucket_size, buckets[1]))
+    if len(data) == n and (data.mean_flip is not None) == flip and same_buckets:
+        return data
+    logger.warning("cache %s does not match this dataset (%d samples, flip %s, buckets); encoding again",
+                   path, len(data), data.mean_flip is not None)
+    return None
+
+
 def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], resolution: int, flip: bool,
                    load_vae, load_text, tokenizer, progress: bool = True,
                    buckets: tuple[np.ndarray, np.ndarray] | None = None) -> EncodedData:
@@ -438,22 +551,17 @@ def load_or_encode(cache_dir: Path | None, key: str, samples: list[Sample], reso
     change every step) caches the UNet side only: `text` is then empty.
     """
     path = cache_dir / f"encoded-{key}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        try:
-            with np.load(path) as z:
-                data = EncodedData.from_arrays(z)
-            same_buckets = (data.bucket is None) if buckets is None else (
-                data.bucket is not None and np.array_equal(data.bucket, buckets[0])
-                and np.array_equal(data.bucket_size, buckets[1]))
-            if len(data) == len(samples) and (data.mean_flip is not None) == flip and same_buckets:
-                logger.info("using cached latents and text embeddings: %s", path)
-                if load_text is not None and not data.text.size:  # cached by a run that trained the text encoder
-                    data.text, data.caption_index = encode_captions(load_text(), tokenizer,
-                                                                    [s.caption for s in samples], progress=progress)
-                    atomic_save_npz(path, **{k: v for k, v in data.__dict__.items() if v is not None})
-                return data
-        except Exception as e:  # a damaged cache is rebuilt, never trusted
-            logger.warning("ignoring unreadable cache %s (%s)", path, e)
+    data = _read_cache(path, len(samples), flip, buckets) if path is not None and path.exists() else None
+    if data is not None:
+        logger.info("using cached latents and text embeddings: %s", path)
+        if load_text is not None and not data.text.size:  # cached by a run that trained the text encoder
+            data.text, data.caption_index = encode_captions(load_text(), tokenizer, [s.caption for s in samples],
+                                                            progress=progress)
+            try:
+                atomic_save_npz(path, **data.arrays())
+            except WriteError as e:  # the embeddings are in memory: the run goes on, the next one encodes again
+                logger.warning("could not add the text embeddings to the cache: %s", e)
+        return data
     vae = load_vae()
     paths = [s.path for s in samples]
     if buckets is None:

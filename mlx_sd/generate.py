@@ -19,11 +19,14 @@ same. Rank 0 reads the output folder, says which images are left, receives every
 writes all files; the other ranks need no output folder. A run that loses a rank stops with the
 finished images kept, and the same command resumes it.
 
-Resuming: a PNG counts as done once it exists (written to a temp file, then renamed), and
-captions.json is rewritten atomically after every batch. Re-running the same command skips
-finished images; Ctrl-C stops cleanly. The settings that shape the images are kept in
-`generation.json`; a re-run with different ones is refused rather than mixing two datasets
+Resuming: a PNG counts as done once it exists (written to a temp file, then renamed), and its
+record is in the journal captions.json is rebuilt from (`mlx_sd.generate_folder.Records`).
+Re-running the same command skips finished images; Ctrl-C stops cleanly. The settings that shape
+the images are kept in `generation.json` (each adapter by the sha256 of its files); a re-run with
+different ones, or with a retrained adapter, is refused rather than mixing two datasets
 (--num_images_per_prompt and extra prompts at the end may grow: existing names keep their meaning).
+A folder holding images that mlx-sd-generate did not make and its captions.json does not list is
+refused: its captions.json would make train.py leave those images out.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 from . import distributed
 from .cli import HelpFormatter, number
 from .errors import MlxSdError
-from .generate_folder import (CAPTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SETTINGS_FILE, GenerateError, Job,
+from .generate_folder import (CAPTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SETTINGS_FILE, GenerateError, Job, Records,
                               image_name, image_seed, parameters, plan, prepare, record, settings_of, write_captions)
 from .io import is_repo_id, write_text
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, save_png
@@ -285,6 +288,7 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     from tqdm import tqdm
 
     images = out / "images"
+    records = Records(out, captions)
     bs, gbs = args.batch_size, args.batch_size * world.size
     batches = [todo[s:s + gbs] for s in range(0, len(todo), gbs)]
     mine = [gb[world.rank * bs:(world.rank + 1) * bs] for gb in batches]
@@ -305,13 +309,16 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
                 pixels = _gather(world, local, [len(gb[r * bs:(r + 1) * bs]) for r in range(world.size)])
             if world.main:
                 scores = clip.scores(pixels, [j.prompt for j in gb]) if clip else [None] * len(gb)
-                for job, px, score in zip(gb, pixels, scores):
-                    keep = score is None or args.min_clip_score is None or score >= args.min_clip_score
-                    save_png(Image.fromarray(px), (images if keep else out / REJECTED_DIR) / job.name,
-                             parameters(job, args))
-                    captions[job.name] = record(job, score)
-                    aside += not keep
-                write_captions(out, images, captions)
+                saved = []
+                try:
+                    for job, px, score in zip(gb, pixels, scores):
+                        keep = score is None or args.min_clip_score is None or score >= args.min_clip_score
+                        save_png(Image.fromarray(px), (images if keep else out / REJECTED_DIR) / job.name,
+                                 parameters(job, args))
+                        saved.append(record(job, score))
+                        aside += not keep
+                finally:
+                    records.add(saved)
             made += len(gb)
             bar.set_postfix_str(f"{60 * made / (time.perf_counter() - t0):.2f} img/min"
                                 + (f", {aside} set aside" if args.min_clip_score is not None else ""), refresh=False)
@@ -319,7 +326,7 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     except KeyboardInterrupt:
         bar.close()
         if world.main:
-            write_captions(out, images, captions)
+            records.flush()
             done = sum((images / j.name).is_file() for j in jobs)
             why = "interrupted"
             if stop.sigterm:
@@ -335,7 +342,7 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
             raise
         bar.close()
         if world.main:
-            write_captions(out, images, captions)
+            records.flush()
         print(f"{world.tag}error: {why}\n{first + made} of {len(jobs)} images are in {images}; "
               "re-run the same command to make the rest.", file=sys.stderr)
         return 1
@@ -344,6 +351,7 @@ def _make(args, world, sd, jobs: list[Job], todo: list[Job], captions: dict, out
     bar.close()
     dt = time.perf_counter() - t0
     if world.main:
+        records.flush()
         print(f"made {made} images in {dt:.1f} s ({60 * made / dt:.2f} images/min); {len(jobs)} in {images}, "
               f"captions in {out / CAPTIONS_FILE}")
         if args.min_clip_score is not None:

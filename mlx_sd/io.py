@@ -1,4 +1,4 @@
-"""Files on disk: atomic writes, the cache root, Hub repo ids.
+"""Files on disk: atomic writes, the cache root, Hub repo ids, and how every image file is read.
 
 Everything the product writes that a user keeps (checkpoints, adapters, converted models, images,
 captions, caches) goes through `atomic_file` or `atomic_folder`: the final path holds either the old
@@ -10,6 +10,7 @@ before MLX is loaded.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -187,3 +188,91 @@ def write_failure(path: Path, e: BaseException) -> WriteError:
         (getattr(e, "strerror", None) or str(e))
     return WriteError(f"{path}: could not be written: {cause}. Nothing partial was left; "
                       f"{'free some space' if full else 'fix the cause'} and run the same command again.")
+
+
+# ----------------------------------------------------------------------------- images
+
+# Alpha modes: straight alpha (RGBA, LA, PA) and premultiplied (RGBa, La); PIL's convert("RGBA") handles each.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageModeError(MlxSdError, ValueError):
+    pass
+
+
+def _eight_bit_gray(im):
+    """A 16-bit (I;16*, or I holding 16-bit samples) or float (F) grayscale image -> 8-bit L or LA.
+
+    PIL's own conversion clips these at 255 (16-bit images turn white, float images black); here
+    0..65535 maps to 0..255 as v / 257 rounded (the exact 16 -> 8 bit scale), and float 0..1 to
+    0..255. A tRNS grey level (16-bit PNGs) becomes an alpha channel, compared at full depth.
+    """
+    import numpy as np
+    from PIL import Image
+
+    v = np.asarray(im)
+    if im.mode == "F":
+        if not np.isfinite(v).all() or v.min() < -0.5 / 255 or v.max() > 1 + 0.5 / 255:
+            raise ImageModeError(f"floating-point pixels in [{np.nanmin(v):g}, {np.nanmax(v):g}]; expected 0..1 "
+                                 "(save the image as 8- or 16-bit, or scaled to 0..1)")
+        gray = np.rint(np.clip(v, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(gray, "L")
+    v = v.astype(np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+        raise ImageModeError(f"32-bit integer pixels in [{v.min()}, {v.max()}]; expected 16-bit samples "
+                             "(0..65535; save the image as 8- or 16-bit)")
+    gray = ((v * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257), in integers
+    t = im.info.get("transparency")
+    if isinstance(t, int):
+        return Image.fromarray(np.stack([gray, np.where(v == t, 0, 255).astype(np.uint8)], -1), "LA")
+    return Image.fromarray(gray, "L")
+
+
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB, as training, validation and evaluation read every image file.
+
+    - EXIF orientation is applied.
+    - 16-bit and float grayscale are scaled to 8 bits (`_eight_bit_gray`), not clipped. 16-bit RGB
+      and RGBA PNGs PIL itself reads as 8-bit, keeping each sample's high byte (v >> 8, within one
+      level of the exact v / 257).
+    - Every kind of transparency (an alpha channel, a palette's alpha, a tRNS colour or grey
+      level) is composited on white, as product photos are shot on white.
+    - Other modes (CMYK, YCbCr, 1-bit...) use PIL's conversion; ImageModeError where a mode has
+      none or its values have no 8-bit reading.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "F" or im.mode == "I" or im.mode.startswith("I;16"):
+        im = _eight_bit_gray(im)
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageModeError(f"mode {im.mode} images cannot be read as RGB ({e}); save it as an 8-bit RGB PNG "
+                             "or JPEG") from None
+
+
+def read_rgb(path: str | Path):
+    """An image file as 8-bit RGB (`to_rgb`), decoded in full."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return to_rgb(im)
+
+
+def file_digest(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:
+    """sha256 of a file's bytes; for a folder, of the names and bytes of its files matching `patterns`
+    (recursively, sorted), so notes and images beside the weights do not change it."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted({f for p in patterns for f in path.rglob(p) if f.is_file()})
+    for f in files:
+        if f != path:
+            h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_sd.captions import CaptionVariants
+from mlx_sd.captions import CaptionError, CaptionVariants
 from test_resume import _weights
 from test_training import make_dataset, run_train
 
@@ -163,3 +163,24 @@ def test_per_batch_draws_never_share_a_generator_key():
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not kinds[a] & kinds[b], (a, b, sorted(kinds[a] & kinds[b])[:3])
+
+
+def test_keep_tokens_above_the_tag_count_is_said(caplog):
+    v = CaptionVariants(shuffle=True, keep_tokens=3)
+    v.check([TAGS, "a, b, c"])  # 5 and 3 tags: both shuffle (or keep all), nothing to say
+    assert not caplog.records
+    v.check([TAGS, "plain caption without tags", TAGS])
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.getMessage() == (
+        "--keep_tokens 3 is above the tag count of 1 of 3 captions (e.g. 'plain caption without tags' has 1 tag(s) "
+        "separated by ','): their tags are not shuffled")
+    with pytest.raises(CaptionError, match=r"--keep_tokens 6 is above the tag count of every caption \(e.g. "
+                       r"'shoe-trigger, .*' has 5 tag\(s\) separated by ','\): --shuffle_caption would shuffle "
+                       "nothing"):
+        CaptionVariants(shuffle=True, keep_tokens=6).check([TAGS, "a, b"])
+
+
+def test_keep_tokens_above_every_tag_count_stops_the_run(tiny_mlx_dir, tagged, tmp_path, capsys):
+    rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", tagged, *BASE,
+                   "--max_train_steps", 1, "--shuffle_caption", "--keep_tokens", 9, "--output_dir", tmp_path / "o")
+    assert rc == 2 and "--keep_tokens 9 is above the tag count of every caption" in capsys.readouterr().err

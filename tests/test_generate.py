@@ -165,3 +165,92 @@ def test_module_entry_point():
     assert r.returncode == 0, r.stderr
     for flag in ("--model", "--prompts_file", "--lora", "--num_images_per_prompt", "--batch_size", "--sampler"):
         assert flag in r.stdout
+
+
+def _export_adapter(model_dir, folder, seed):
+    from lora.export import export_adapter
+    from test_pipeline import _random_adapter
+
+    export_adapter(_random_adapter(StableDiffusion.from_folder(model_dir).unet, seed), folder, formats=("peft",))
+
+
+def test_a_retrained_adapter_at_the_same_path_is_another_adapter(tiny_mlx_dir, tmp_path, capsys):
+    lora, out = tmp_path / "lora", tmp_path / "o"
+    _export_adapter(tiny_mlx_dir, lora, seed=0)
+    one = args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--lora", f"{lora}:0.5")
+    assert gen.main(one) == 0
+    before = (out / "captions.json").read_text()
+    _export_adapter(tiny_mlx_dir, lora, seed=1)  # retrained: same path, other weights
+    assert gen.main(one + ["--num_images_per_prompt", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds images of another adapter:\n  lora 1: {lora.resolve()} (sha256 " in err
+    assert "the file changed since these images were made (retrained?)" in err
+    assert "use another --output_dir for this adapter" in err
+    assert [p.name for p in (out / "images").iterdir()] == [gen.image_name(0, 0)]
+    assert (out / "captions.json").read_text() == before
+
+    # The same bytes elsewhere are the same adapter: the folder resumes.
+    _export_adapter(tiny_mlx_dir, lora, seed=0)
+    (lora / "README.md").write_text("notes beside the weights do not change the adapter")
+    lora.rename(tmp_path / "moved")
+    assert gen.main(args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--lora", f"{tmp_path / 'moved'}:0.5",
+                         "--num_images_per_prompt", "2")) == 0
+    assert len(list((out / "images").iterdir())) == 2
+
+    # A folder that recorded its adapter by path only cannot be checked: refused with what to do.
+    settings = json.loads((out / "generation.json").read_text())
+    settings["lora"] = [[str(tmp_path / "moved"), 0.5]]
+    (out / "generation.json").write_text(json.dumps(settings))
+    assert gen.main(args(tiny_mlx_dir, out, "--prompt", PROMPTS[0], "--lora", f"{tmp_path / 'moved'}:0.5",
+                         "--num_images_per_prompt", "3")) == 2
+    err = capsys.readouterr().err
+    assert "recorded by path only" in err and f"If they are, delete {out / 'generation.json'} and re-run" in err
+
+
+def test_generating_into_a_dataset_of_photos_never_hides_them(tiny_mlx_dir, tmp_path, capsys):
+    from mlx_sd.data import scan
+
+    data = tmp_path / "photos"
+    (data / "images").mkdir(parents=True)
+    for name in ("a.png", "b.jpg"):
+        Image.new("RGB", (64, 64), "white").save(data / "images" / name)
+        (data / "images" / name).with_suffix(".txt").write_text(f"a photo {name}")
+    assert gen.main(args(tiny_mlx_dir, data, "--prompt", PROMPTS[0])) == 2
+    err = capsys.readouterr().err
+    assert (f"--output_dir {data} holds 2 image(s) that mlx-sd-generate did not make and captions.json does not "
+            "list (images/a.png, images/b.jpg)") in err and "Generate into another folder" in err
+    assert not (data / "captions.json").exists() and not (data / "generation.json").exists()
+    assert sorted(s.path.name for s in scan(data)[0]) == ["a.png", "b.jpg"]
+
+    # Listed in captions.json, the photos are kept beside the generated images.
+    (data / "captions.json").write_text(json.dumps({"a.png": "a photo a.png", "b.jpg": "a photo b.jpg"}))
+    assert gen.main(args(tiny_mlx_dir, data, "--prompt", PROMPTS[0])) == 0
+    good, problems = scan(data)
+    assert sorted(s.path.name for s in good) == ["a.png", "b.jpg", gen.image_name(0, 0)] and not problems
+
+
+def test_records_cost_does_not_grow_with_the_folder(tmp_path):
+    """The last 100 records of a 5,000-image folder: appended to the journal, not 100 rewrites of the file."""
+    from mlx_sd import generate_folder as gf
+
+    out = tmp_path / "o"
+    (out / "images").mkdir(parents=True)
+    jobs = gf.plan([f"prompt {p}" for p in range(1000)], 5, seed=0)
+    for j in jobs:
+        (out / "images" / j.name).touch()
+    captions = {j.name: gf.record(j) for j in jobs[:4900]}
+    gf.write_captions(out, out / "images", captions)
+    full = (out / "captions.json").stat().st_size
+    records = gf.Records(out, captions)
+    for j in jobs[4900:]:
+        records.add([gf.record(j, 30.0)])
+    assert (out / "captions.json").stat().st_size == full  # not rewritten: 100 < 4,900 / 10
+    assert (out / gf.JOURNAL_FILE).stat().st_size < full / 40
+    # A run killed here loses no record: the journal is read back (a line cut short is dropped).
+    with open(out / gf.JOURNAL_FILE, "a") as f:
+        f.write('{"file_name": "prompt00999_im')
+    back = gf.read_captions(out)
+    assert len(back) == 5000 and back[jobs[-1].name] == gf.record(jobs[-1], 30.0)
+    records.flush()
+    assert not (out / gf.JOURNAL_FILE).exists()
+    assert [r["file_name"] for r in json.loads((out / "captions.json").read_text())] == [j.name for j in jobs]

@@ -6,6 +6,7 @@ download call (`snapshot_download`) resolves the repo from the cache, nothing of
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -154,3 +155,68 @@ def test_data_source_flags_are_checked():
     with pytest.raises(SystemExit):
         train.parse_args(["--train_data_dir", "x", "--dataset_revision", "v2"])
     assert train.parse_args(["--dataset_name", "a/b", "--max_train_samples", "3"]).max_train_samples == 3
+
+
+CAPTION = "Café crème, Zürich, side view"
+
+
+@pytest.mark.parametrize("bom,codec", [(b"", "utf-8"), (b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"),
+                                       (b"\xfe\xff", "utf-16-be")])
+def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path, bom, codec):
+    folder = sidecar_dataset(tmp_path / "d")
+    (folder / "images" / "img00.txt").write_bytes(bom + f"{CAPTION}\r\nsecond line\r\n".encode(codec))
+    good, problems = scan(folder)
+    assert not problems and {s.path.name: s.caption for s in good}["img00.png"] == CAPTION
+
+
+@pytest.mark.parametrize("encoding,data,why", [
+    ("latin-1", CAPTION.encode("latin-1"),
+     r"not UTF-8 text \(byte 0xe9 at offset 3: another encoding, such as Latin-1\?\); save it as UTF-8"),
+    ("utf-16 without BOM", CAPTION.encode("utf-16-le"), r"not text \(NUL bytes: UTF-16 without a byte-order mark"),
+])
+def test_caption_files_that_are_not_text_are_named(tmp_path, caplog, encoding, data, why):
+    folder = sidecar_dataset(tmp_path / "d")
+    bad = folder / "images" / "img02.txt"
+    bad.write_bytes(data)
+    good, problems = scan(folder)
+    assert sorted(s.path.name for s in good) == ["img00.png", "img01.png", "img03.png"]
+    assert len(problems) == 1 and re.match(f"img02.png: caption file unreadable: {re.escape(str(bad))}: {why}",
+                                           problems[0]), problems
+    assert "img02.png: caption file unreadable" in caplog.text  # logged as skipped
+    with pytest.raises(DataError, match=f"--strict_data.*\n  img02.png: caption file unreadable: .*{why}"):
+        scan(folder, strict=True)
+
+
+def test_captions_json_with_a_bom_and_the_caption_files_it_shadows(tmp_path, caplog):
+    folder = sidecar_dataset(tmp_path / "d")
+    caps = {p.with_suffix(".png").name: p.read_text().strip() for p in (folder / "images").glob("*.txt")}
+    (folder / "images" / "img00.txt").write_text("an older caption")
+    del caps["img03.png"]
+    (folder / "captions.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(caps).encode())
+    good, problems = scan(folder)
+    assert {s.path.name: s.caption for s in good} == caps
+    assert problems == [f"img03.png: not listed in {folder / 'captions.json'} (add it there to train on it)"]
+    assert (f"captions are read from {folder / 'captions.json'}; 4 .txt caption file(s) in {folder / 'images'} "
+            "are not read") in caplog.text
+
+
+def test_metadata_lines_are_located_once(tmp_path):
+    folder = make_dataset(tmp_path / "d", n=2)
+    caps = json.loads((folder / "captions.json").read_text())
+    (folder / "captions.json").unlink()
+    lines = [json.dumps({"file_name": f, "text": c}) for f, c in caps.items()] + ["", json.dumps({"txt": "x"})]
+    (folder / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        scan(folder)
+    assert str(e.value) == (f"{folder / 'images' / 'metadata.jsonl'} line 4: no file name (one of file_name, image, "
+                            "file, filename, path; keys present: txt)")
+
+
+def test_image_types_that_are_not_read_are_named(tmp_path):
+    folder = sidecar_dataset(tmp_path / "d")
+    Image.new("RGB", (64, 64), "white").save(folder / "images" / "anim.gif")
+    (folder / "images" / "anim.txt").write_text("a gif")
+    good, problems = scan(folder)
+    assert len(good) == 4
+    assert problems == ["anim.gif: .gif files are not read as images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff); "
+                        "convert it to PNG to train on it"]

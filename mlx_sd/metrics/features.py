@@ -27,7 +27,7 @@ from ..io import atomic_file, cache_root
 from .images import ImageList, clip_pixels, dinov2_pixels, read_rgb, to_float
 
 logger = logging.getLogger(__name__)
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: 16-bit, float and tRNS images read as training reads them (io.to_rgb)
 _FILE_HASHES: dict[tuple, str] = {}
 
 

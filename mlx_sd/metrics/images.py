@@ -3,7 +3,8 @@
 Every array here is HWC/NHWC. Pixel values: uint8 as read, float32 in [0, 1] after `to_float`,
 normalised float32 after `clip_pixels` / `dinov2_pixels`.
 
-- pytorch-fid reads each image with PIL (`convert("RGB")`) and scales it to [0, 1]; the resize to
+- pytorch-fid reads each image with PIL (`convert("RGB")`; `read_rgb` gives the same pixels for 8-bit RGB
+  files and reads other modes as training does) and scales it to [0, 1]; the resize to
   299 happens inside the network (`FIDInceptionV3.features`), so `resize_matrix` reproduces torch's
   `interpolate(mode="bilinear"/"bicubic", align_corners=False, antialias=False)` exactly.
 - CLIP: transformers' CLIPImageProcessor (PIL backend): shortest edge to 224 with PIL bicubic, centre
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MlxSdError
+from ..io import read_rgb as io_read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -101,9 +103,13 @@ def list_images(folder: str | Path, check: bool = True) -> ImageList:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """HWC uint8 RGB, as `PIL.Image.open(path).convert("RGB")` gives it."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """HWC uint8 RGB as training reads the file (`mlx_sd.io.to_rgb`).
+
+    For an 8-bit RGB file without EXIF rotation this is pytorch-fid's `Image.open(path).convert("RGB")`;
+    other modes are scaled or composited on white where a plain convert would clip or drop alpha, so
+    real and generated images are compared as the model was trained on them.
+    """
+    return np.asarray(io_read_rgb(path))
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
