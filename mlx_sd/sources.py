@@ -11,6 +11,8 @@ downloaded. Parquet-only repos (images inside the parquet files) are refused wit
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,10 @@ def fetch_hub_dataset(name: str, revision: str | None = None, caption_extension:
         raise DataError(f"{where}: no such dataset on the Hub (or it is private: log in with "
                         "`huggingface-cli login`)") from None
     except LocalEntryNotFoundError as e:
-        raise DataError(f"{where}: not in the local Hugging Face cache and the Hub cannot be reached "
-                        f"({str(e).splitlines()[0]}); connect once, or unset HF_HUB_OFFLINE") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+        raise DataError(f"{where}: not in the local Hugging Face cache and " + (
+            "HF_HUB_OFFLINE is set: unset it to download the dataset once" if offline else
+            f"the Hub cannot be reached ({str(e).splitlines()[0]}): connect once to download it")) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise DataError(f"{where}: download failed ({type(e).__name__}: {e})") from None
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file()):

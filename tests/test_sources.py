@@ -129,7 +129,25 @@ def test_hub_dataset_trains_from_the_cache_offline(tiny_mlx_dir, tmp_path):
     r = subprocess.run(cmd + ["--output_dir", str(tmp_path / "run3"), "--dataset_name", "nobody/nothing"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2
-    assert "--dataset_name nobody/nothing: not in the local Hugging Face cache" in r.stderr
+    assert "--dataset_name nobody/nothing: not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in r.stderr
+
+
+def test_the_offline_hint_names_what_is_set(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*a, **k):
+        raise LocalEntryNotFoundError("Cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(DataError) as e:
+        fetch_hub_dataset("someone/shoes")
+    assert "the Hub cannot be reached (Cannot reach the Hub): connect once" in str(e.value)
+    assert "HF_HUB_OFFLINE" not in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set: unset it to download the dataset once"):
+        fetch_hub_dataset("someone/shoes")
 
 
 def test_hub_repo_without_images_is_refused(tmp_path, monkeypatch):
