@@ -114,7 +114,17 @@ def test_flags_override_the_runs_settings(run, feature_models, generate_calls, t
 
 
 def test_validation_images_are_scored_with_the_runs_prompts(run, feature_models, tmp_path, monkeypatch):
+    import mlx_sd.metrics.cli as cli
+
     monkeypatch.setenv("MLX_SD_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real_evaluate_set = cli.evaluate_set
+
+    def spy(images, captions, *a, **k):
+        seen.append({p.name: t for p, t in captions.items()})
+        return real_evaluate_set(images, captions, *a, **k)
+
+    monkeypatch.setattr(cli, "evaluate_set", spy)
     out = tmp_path / "eval"
     assert eval_main(["checkpoints", str(run), "--from_validation", "--clip", str(feature_models["clip"]),
                       "--output_dir", str(out)]) == 0
@@ -123,6 +133,8 @@ def test_validation_images_are_scored_with_the_runs_prompts(run, feature_models,
     clip = FeatureModel.load(feature_models["clip"])
     steps = evaluate.validation_sets(run / "validation")
     assert sorted(steps) == [r["step"] for r in res["rows"]] == [1, 2]
+    # every validation image is scored against the prompt the run rendered it from
+    assert seen == [{p.name: PROMPTS[i] for p, i in steps[s]} for s in (1, 2)] and all(len(c) == 2 for c in seen)
     for r in res["rows"]:
         want_dir = tmp_path / f"step{r['step']}"
         want_dir.mkdir()
