@@ -5,8 +5,9 @@ InceptionV3 (pytorch-fid's network, input already 299 px), CLIP ViT-L/14 image t
 224 px), random seeded weights, float32. Each timing is the median of `--repeats` forward passes
 after one warm-up; images/s = batch / time; the ratio is MLX images/s over torch images/s (above 1:
 MLX is faster). Peak memory: MLX's own accounting (`mx.get_peak_memory`, reset per model) and the
-process's peak RSS after the torch model ran (Linux: KiB -> GB), which includes everything
-loaded before. On Linux these are CPU figures; see DESIGN.md ("Performance").
+process's peak RSS after the torch model ran (benchmarks/rss.py), which includes everything
+loaded before. On Linux these are CPU figures; see the README's "Speed" section for what carries
+over to Apple Silicon.
 
     python benchmarks/feature_speed.py --batch 8 --repeats 3
 """
@@ -14,7 +15,6 @@ loaded before. On Linux these are CPU figures; see DESIGN.md ("Performance").
 import mlx_sd  # noqa: F401, I001  (first: puts the fast BLAS under MLX before mlx.core loads)
 
 import argparse
-import resource
 import sys
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # metrics_reference: the seeded twins
 
 from models import median_seconds  # benchmarks/models.py (this folder is on sys.path)
+from rss import peak_rss_gb  # benchmarks/rss.py
 
 from convert.feature_models import clip_to_mlx, dinov2_to_mlx, inception_to_mlx
 from mlx_sd.blas import status as blas_status
@@ -98,7 +99,7 @@ def main():
         peak_mlx = mx.get_peak_memory() / 1e9
         with torch.no_grad():
             t_ref = median_seconds(lambda f=ref, x=xt: f(x), args.repeats)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        rss = peak_rss_gb()
         a, b = args.batch / t_ours, args.batch / t_ref
         print(f"{label:<36} {a:>10.2f} {b:>12.2f} {a / b:>10.2f} {peak_mlx:>12.2f} {rss:>20.2f}", flush=True)
         del ref, ours

@@ -5,7 +5,7 @@ SD1.5 shapes (the bundled mlx_sd/configs/sd15) with random weights (speed does n
 values; each side initialises its own, so the MLX process never loads torch). Both sides: the
 PNDM sampler, the same steps, guidance 7.5 (one UNet call on [uncond; cond]), the same size, one
 image per batch. Each (side, dtype, size) runs in its own process after a one-step warm-up image;
-images/min counts the timed images only. Peak memory: the process's peak RSS (ru_maxrss), and for
+images/min counts the timed images only. Peak memory: the process's peak RSS (benchmarks/rss.py), and for
 MLX also MLX's own peak allocation (`mx.get_peak_memory`). On Linux these are CPU figures.
 
     python benchmarks/generate_speed.py --sizes 256 512 --images 2 --steps 4
@@ -14,20 +14,16 @@ MLX also MLX's own peak allocation (`mx.get_peak_memory`). On Linux these are CP
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rss import peak_rss_gb  # benchmarks/rss.py (this folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a professional product photo of black leather casual shoes, side view, white background"
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def peak_rss_gb() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
-    return kib * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def mlx_worker(dtype: str, size: int, images: int, steps: int, overlap: bool) -> dict:

@@ -2,7 +2,7 @@
 
 SD1.5 shapes (the bundled mlx_sd/configs/sd15) with random (seeded) weights, float32, batch 1.
 Each timing is the median of `--repeats` runs after one warm-up run. The ratio is MLX time / torch time (below 1:
-MLX is faster). On Linux these are CPU figures; see DESIGN.md ("Performance") for what carries
+MLX is faster). On Linux these are CPU figures; see the README's "Speed" section for what carries
 over to Apple Silicon.
 
     python benchmarks/models.py --sizes 256 512 --repeats 3

@@ -1,4 +1,5 @@
-"""The original PyTorch script's LoRA training step (DESIGN.md), for the benchmarks' torch workers.
+"""The LoRA training step of a diffusers + PEFT trainer (the PyTorch way this project replaces; the
+README's "Speed" section compares against it), for the benchmarks' torch workers.
 
 Frozen UNet with PEFT LoRA r=8 alpha=16 (gaussian init) on to_k/to_q/to_v/to_out.0, AdamW at
 lr 1e-4; one step: DDPM noise at uniform timesteps, UNet prediction, MSE vs the noise,

@@ -54,7 +54,7 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokeniz
 pipe.save_pretrained(out, safe_serialization=True)
 """
 
-# The original PyTorch script's way (DESIGN.md): VAE encode -> latent sample and CLIP text
+# The diffusers + PEFT trainer's way (the README's "Speed" section): VAE encode -> latent sample and CLIP text
 # embeddings every step, then benchmarks/torch_reference.py's LoRA step.
 TORCH_RUN = r"""
 import json, statistics, sys, time

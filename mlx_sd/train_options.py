@@ -227,6 +227,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} {getattr(args, name)} is not a multiple of 8 (SD1.x needs a multiple of 64)")
     if not args.center_crop and not args.no_cache:
         p.error("random crops (--no-center_crop) change every step and cannot be cached: add --no_cache")
+    if args.validation_prompts:  # a prompts file that cannot be read fails here, not after the dataset is encoded
+        try:
+            validation_prompts(args)
+        except DataError as e:
+            p.error(str(e))
     return args
 
 
@@ -237,8 +242,14 @@ def validation_prompts(args) -> list[str]:
     if not vp:
         return list(DEFAULT_PROMPTS)
     if len(vp) == 1 and vp[0].endswith(".txt"):
-        lines = [line.strip() for line in Path(vp[0]).read_text().splitlines() if line.strip()]
+        try:
+            lines = [line.strip() for line in Path(vp[0]).expanduser().read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise DataError(f"--validation_prompts {vp[0]}: cannot read it ({why}); give the prompts themselves, or a "
+                            ".txt file with one prompt per line") from None
         if not lines:
-            raise DataError(f"{vp[0]}: no prompts in the file")
+            raise DataError(f"--validation_prompts {vp[0]}: no prompts in the file")
         return lines
     return vp

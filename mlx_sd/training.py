@@ -99,6 +99,12 @@ class LossConfig:
     scaling_factor: float = 0.18215
 
 
+def offset_noise(noise: mx.array, offset_noise: mx.array, noise_offset: float) -> mx.array:
+    """Noise-offset composition (crosslabs' offset noise, as diffusers' scripts add it): base noise
+    [B, H, W, C] plus `noise_offset` times one value per sample and channel, `offset_noise` [B, 1, 1, C]."""
+    return noise + noise_offset * offset_noise
+
+
 def loss_fn(unet: nn.Module, latents: mx.array, ctx: mx.array, noise: mx.array, t: mx.array,
             schedule: NoiseSchedule, snr_gamma: float = 0.0) -> mx.array:
     """MSE between the UNet's prediction and the target (noise, or v), in float32."""
@@ -128,8 +134,8 @@ def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, 
     noise = shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
     if noise_offset > 0:
         B, _, _, C = latents.shape
-        noise = noise + noise_offset * shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C),
-                                                  shard)
+        noise = offset_noise(noise, shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C), shard),
+                             noise_offset)
     t = shard_rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
     return noise, t
 

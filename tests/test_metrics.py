@@ -232,8 +232,8 @@ def test_checkpoints_generates_each_with_the_same_seeds(tiny_clip, tmp_path, cap
         names = [f"prompt{p:05d}_img{i:03d}.png" for p in range(len(args.prompt))
                  for i in range(args.num_images_per_prompt)]
         write_images(out / "images", smooth_images(len(names), 32, 32, seed=len(calls)), names)
-        (out / "captions.json").write_text(json.dumps(
-            {n: args.prompt[int(n[6:11])] for n in names}))
+        (out / "captions.json").write_text(json.dumps(  # mlx-sd-generate's format: a list of records
+            [{"file_name": n, "text": args.prompt[int(n[6:11])], "seed": args.seed} for n in names]))
         return 0
 
     monkeypatch.setattr(mlx_sd.generate, "main", fake_generate)
@@ -246,3 +246,4 @@ def test_checkpoints_generates_each_with_the_same_seeds(tiny_clip, tmp_path, cap
     assert "best checkpoint by CLIP score" in out
     res = json.loads((run / "eval" / "checkpoints.json").read_text())
     assert [r["step"] for r in res["rows"]] == [10, 20] and all(r["n"] == 2 for r in res["rows"])
+    assert all(0 <= r["clip_score"] <= 100 for r in res["rows"])

@@ -23,12 +23,18 @@ class MetricError(MlxSdError, ValueError):
     pass
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
+def require_scipy():
+    """scipy.linalg, or a MetricError saying how to install it (checked before any feature is computed)."""
     try:
         from scipy import linalg
     except ImportError:
-        raise MetricError("Fréchet distances need scipy: pip install 'mlx-sd-lora[eval]' "
+        raise MetricError("Fréchet distances (FID, FD-DINOv2, FD-CLIP) need scipy: pip install 'mlx-sd-lora[eval]' "
                           "(or pip install scipy)") from None
+    return linalg
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    linalg = require_scipy()
     with warnings.catch_warnings():
         # fewer images than feature dimensions make S1 S2 singular; the result is still the one
         # pytorch-fid reports, and `mlx-sd-eval` states the rank problem in its notes instead
