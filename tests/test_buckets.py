@@ -108,9 +108,9 @@ def test_printed_table_and_plan():
     assert lines[-1].split()[1:3] == ["8", "5"]  # 8 images, 3 + 1 + 1 micro-batches per epoch
 
     plan = BucketPlan(of, 2, seed=5, flip=True)
-    assert plan.per_epoch == 5
+    assert plan.groups_per_epoch == 5 and plan.epoch_samples == 10
     for epoch in range(4):
-        batches = [plan(epoch * plan.per_epoch + j) for j in range(plan.per_epoch)]
+        batches = [plan(epoch * 5 + j) for j in range(5)]
         assert all(e == epoch for e, _, _ in batches)
         seen = np.concatenate([idx for _, idx, _ in batches])
         assert set(seen.tolist()) == set(range(8))  # every image at least once per epoch
@@ -195,11 +195,11 @@ def straight(tiny_mlx_dir, dataset, tmp_path_factory):
 def test_bucketed_run_batches_one_bucket_each_and_caches_per_bucket(straight, dataset):
     out, shapes, printed = straight
     print(printed)
-    table_lines = printed.split("aspect-ratio buckets (5 used; global batch 2):\n")[1].splitlines()
+    table_lines = printed.split("aspect-ratio buckets (5 used; batches of 2 per device):\n")[1].splitlines()
     assert [line.split()[:6] for line in table_lines[1:7]] == [
         ["64", "x", "192", "0.33", "1", "1"], ["64", "x", "256", "0.25", "2", "1"],
         ["128", "x", "128", "1.00", "4", "2"], ["192", "x", "64", "3.00", "1", "1"],
-        ["256", "x", "64", "4.00", "2", "1"], ["total", "10", "6", "micro-batches", "per", "epoch"]]
+        ["256", "x", "64", "4.00", "2", "1"], ["total", "10", "6", "batches", "per", "epoch"]]
     enc = np.load(next((out / "cache").glob("encoded-*.npz")))
     data = EncodedData.from_arrays(enc)
     table = [tuple(s) for s in data.bucket_size]

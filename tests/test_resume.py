@@ -167,9 +167,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_
             super().__init__(*a, **k)
             inner, calls = self.grad_step, [0]
 
-            def grad_step(mean, std, ctx, acc):
+            def grad_step(mean, std, ctx, keys, acc):
                 calls[0] += 1
-                loss, acc = inner(mean, std, ctx, acc)
+                loss, acc = inner(mean, std, ctx, keys, acc)
                 return (loss * float("nan"), acc) if calls[0] == 5 else (loss, acc)  # step 3, micro-batch 1
             self.grad_step = grad_step
 
