@@ -250,8 +250,8 @@ def test_step_clips_both_and_uses_the_text_encoder_lr(tiny_mlx_dir):
         m.unet, mean, m.text_encoder(ids), noise, t, schedule))
     want_norm = float(np.sqrt(sum(float(mx.sum(g * g)) for _, g in tree_flatten(want_grads))))
     step = TrainStep(unet, make_optimizer(1e-2, "constant", 0, 10), schedule, LossConfig(), max_grad_norm=1e-3,
-                     draw=draw, sample=lambda m, s, k: m, text_encoder=te, text_optimizer=make_optimizer(1e-8, "constant",
-                                                                                                        0, 10))
+                     draw=draw, sample=lambda m, s, k: m, text_encoder=te,
+                     text_optimizer=make_optimizer(1e-8, "constant", 0, 10))
     loss, acc = step.grad_step(mean, mx.zeros_like(mean), ids, mx.zeros((2, 2), mx.uint32), step.zero_grads())
     assert set(acc) == {"unet", "text_encoder"}
     norm = step.apply_update(acc)
