@@ -159,20 +159,20 @@ def total_steps(args, plan: BatchPlan) -> int:
     if args.max_train_steps:
         return args.max_train_steps
     if args.num_train_epochs:
-        return args.num_train_epochs * max(1, plan.per_epoch // args.gradient_accumulation_steps)
+        return args.num_train_epochs * max(1, plan.epoch_samples // (plan.batch * plan.accum))
     return DEFAULT_STEPS
 
 
 def batch_plan(args, world, run: Run, inputs: Inputs) -> tuple[BatchPlan | BucketPlan, Buckets | None]:
-    """Which samples each global micro-batch holds; with --enable_bucket, one aspect-ratio bucket per batch."""
-    batch = args.train_batch_size * world.size
+    """Which samples each global micro-batch holds; with --enable_bucket, one aspect-ratio bucket per device batch."""
+    batch, accum = args.train_batch_size * world.size, args.gradient_accumulation_steps
     if not args.enable_bucket:
-        return BatchPlan(len(inputs.samples), batch, args.seed, args.random_flip), None
+        return BatchPlan(len(inputs.samples), batch, args.seed, args.random_flip, accum), None
     buckets = Buckets.of_files([s.path for s in inputs.samples], args.resolution, args.min_bucket_reso,
                                args.max_bucket_reso, args.bucket_reso_steps)
-    for line in buckets.describe(batch):
+    for line in buckets.describe(args.train_batch_size):
         run.say(line)
-    return BucketPlan(buckets.of, batch, args.seed, args.random_flip), buckets
+    return BucketPlan(buckets.of, batch, args.seed, args.random_flip, accum, args.train_batch_size), buckets
 
 
 def micro_batches(args, rank: int, run: Run, inputs: Inputs, plan: BatchPlan, buckets: Buckets | None = None):
@@ -361,7 +361,10 @@ def train(args, world: distributed.World, run: Run) -> int:
                           targets=tuple(args.lora_targets))
     run_config = {**vars(args), "model": str(inputs.folder.info.get("source", inputs.folder.path)),
                   "model_dir": str(inputs.folder.path), "world_size": world.size,
-                  "global_batch": args.train_batch_size * world.size,
+                  # What a resume must keep (mlx_sd.checkpoint): the images per update, and with buckets
+                  # the per-device batch, which groups them (mlx_sd.buckets).
+                  "global_batch": args.train_batch_size * world.size * args.gradient_accumulation_steps,
+                  "bucket_batch": args.train_batch_size if args.enable_bucket else None,
                   "data": distributed.data_digest(inputs.samples).hex()}
     if run.main:
         write_text(run.logs / "config.json", json.dumps(run_config, indent=2) + "\n")

@@ -36,7 +36,7 @@ from mlx_sd.config import UNetConfig, read_json
 from mlx_sd.configs import SD15
 from mlx_sd.unet import UNet2DConditionModel
 from mlx_sd.schedulers import NoiseSchedule
-from mlx_sd.training import LossConfig, TrainStep, make_optimizer
+from mlx_sd.training import LossConfig, TrainStep, make_optimizer, sample_keys
 from lora import LoRAConfig, inject_lora
 mode, config_name, res, lo, hi, passes, batch, accum = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:9])
 
@@ -69,7 +69,8 @@ for c, (w, h) in enumerate(order):
     mean, std = mx.random.normal((batch, h // 8, w // 8, 4)), mx.full((batch, h // 8, w // 8, 4), 0.1)
     mx.eval(mean, std)
     t = time.perf_counter()
-    loss, acc = step.grad_step(mean, std, ctx, acc)
+    keys = mx.array(sample_keys(0, c // accum, (c % accum) * batch + np.arange(batch)))
+    loss, acc = step.grad_step(mean, std, ctx, keys, acc)
     mx.eval(loss, acc)
     if (c + 1) % accum == 0:
         norm = step.apply_update(acc)

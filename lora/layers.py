@@ -5,13 +5,21 @@
 `lora_B`), so the parameter paths of an injected UNet are PEFT's paths with the adapter name
 dropped, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`; in the
 CLIP text encoder (`text_encoder_predicate`), e.g. `text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`.
+
+Dropout masks in training are keyed, not drawn from MLX's global generator: inside `dropout_keys(model,
+keys)` (the train step wraps its loss in it) the mask of sample i in the model's l-th LoRA layer (sorted
+by path) is `bernoulli(1 - p, x.shape[1:], key=keys[i, l])`. So the backward pass of a gradient-checkpointed
+block, which runs the block again, multiplies by the masks the forward pass used, and a sample's masks
+do not depend on which batch, process or accumulation step it is in. Without keys (a layer used on its
+own) `nn.Dropout` draws from the global generator.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,16 +82,17 @@ class LoRALinear(nn.Module):
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.dropout_p = dropout
-        # Data-parallel training (set_batch_shard): x holds rows [shard*b, (shard+1)*b) of a batch
-        # of shards*b, and the dropout mask is drawn for the whole batch, as one process would.
-        self.shard, self.shards = 0, 1
+        self.mask_keys: _Keys | None = None  # set by `dropout_keys` for the duration of a train step
 
     def _dropout(self, x: mx.array) -> mx.array:
-        if self.shards == 1 or not self.training:
+        if not self.training or self.mask_keys is None:
             return self.dropout(x)
-        keep, b = 1 - self.dropout_p, x.shape[0]  # nn.Dropout's arithmetic, for identical values
-        mask = mx.random.bernoulli(keep, (self.shards * b, *x.shape[1:]))[self.shard * b:(self.shard + 1) * b]
-        return (mask * x) * (1 / keep)
+        keys = self.mask_keys.keys
+        if keys.shape[0] != x.shape[0]:
+            raise ValueError(f"LoRA dropout: {keys.shape[0]} sample keys for a batch of {x.shape[0]}")
+        keep = 1 - self.dropout_p
+        mask = mx.stack([mx.random.bernoulli(keep, x.shape[1:], key=keys[i]) for i in range(x.shape[0])])
+        return (mask * x) * (1 / keep)  # nn.Dropout's arithmetic
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self._dropout(x) if self.dropout is not None else x
@@ -149,11 +158,29 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def set_batch_shard(model: nn.Module, shard: int, shards: int) -> None:
-    """Data-parallel training: this process holds rows [shard*b, (shard+1)*b) of each batch of
-    shards*b, so LoRA dropout draws masks for the whole batch and keeps those rows."""
-    for layer in lora_layers(model).values():
-        layer.shard, layer.shards = shard, shards
+class _Keys:
+    """A layer's [b, 2] mask keys; held in a plain object so that nn.Module does not count them as parameters."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: mx.array):
+        self.keys = keys
+
+
+@contextmanager
+def dropout_keys(model: nn.Module, keys: mx.array) -> Iterator[None]:
+    """Key the LoRA dropout masks of `model` while inside: `keys` [b, L, 2] (uint32, `mx.random.key`'s
+    form) holds sample i's key for the l-th of the model's L LoRA layers in path order."""
+    layers = [layer for _, layer in sorted(lora_layers(model).items())]
+    if keys.shape[1] != len(layers):
+        raise ValueError(f"{keys.shape[1]} dropout keys per sample for {len(layers)} LoRA layers")
+    for i, layer in enumerate(layers):
+        layer.mask_keys = _Keys(keys[:, i])
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mask_keys = None
 
 
 def trainable_count(model: nn.Module) -> int:

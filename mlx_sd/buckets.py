@@ -10,14 +10,19 @@ The semantics are kohya sd-scripts' (`--enable_bucket`):
   first bucket in (width, height) order). It is resized to cover the bucket and center-cropped
   (`mlx_sd.data.cover_crop`).
 
-Batching (`BucketPlan`) differs from kohya where a data-parallel run needs it: every global
-micro-batch (--train_batch_size x ranks) comes from one bucket and has the full batch size. An
-epoch shuffles each bucket's images (seeded by seed, epoch, bucket), splits them into batches,
-fills the last batch of a bucket with the first images of the same bucket's order again (kohya
-trains a smaller last batch instead), and shuffles the order of all batches. So every image is
-seen at least once per epoch, an epoch has sum over buckets of ceil(n_k / batch) micro-batches,
-and micro-batch c is a pure function of (seed, c): resume is exact and N ranks with batch b
-train what one process with batch N*b trains.
+Batching (`BucketPlan`) follows kohya in that each device's micro-batch (--train_batch_size
+images) comes from one bucket, and differs where exact resume and data-parallel runs need it:
+an epoch shuffles each bucket's images (seeded by seed, epoch, bucket), splits them into groups
+of the per-device batch, fills the last group of a bucket with the first images of the same
+bucket's order again (kohya trains a smaller last batch instead), and shuffles the order of all
+groups. The epochs' group orders follow one another as one stream, and update u's global batch
+(per-device batch x ranks x accumulation) is the next ranks x accumulation groups of it: group g
+of the update goes to micro-batch g // ranks on rank g % ranks. So every image is seen at least
+once per epoch, and an update's images depend only on (seed, update, per-device batch, global
+batch): 2 ranks with accumulation k train what 1 process with accumulation 2k trains, and a
+checkpoint resumes with another number of ranks or accumulation as long as the per-device batch
+and the global batch stay the same (another per-device batch regroups the buckets, so a resume
+refuses it).
 """
 
 from __future__ import annotations
@@ -88,8 +93,9 @@ class Buckets:
         return self.of, np.array(self.table, np.int64)
 
     def describe(self, batch: int) -> list[str]:
-        """The printed table: bucket, images, batches per epoch (and how many batch slots are refills)."""
-        lines = [f"aspect-ratio buckets ({len(self.table)} used; global batch {batch}):",
+        """The printed table for per-device batch `batch`: bucket, images, batches per epoch (and how many
+        batch slots are refills)."""
+        lines = [f"aspect-ratio buckets ({len(self.table)} used; batches of {batch} per device):",
                  f"  {'bucket (w x h)':>16} {'ratio':>6} {'images':>7} {'batches':>8}"]
         total = 0
         for k, (w, h) in enumerate(self.table):
@@ -99,26 +105,33 @@ class Buckets:
             refill = nb * batch - n
             lines.append(f"  {f'{w} x {h}':>16} {w / h:>6.2f} {n:>7} {nb:>8}" +
                          (f"  ({refill} image(s) of this bucket repeated to fill its last batch)" if refill else ""))
-        lines.append(f"  {'total':>16} {'':>6} {len(self.of):>7} {total:>8} micro-batches per epoch")
+        lines.append(f"  {'total':>16} {'':>6} {len(self.of):>7} {total:>8} batches per epoch")
         return lines
 
 
 class BucketPlan:
-    """Which samples make global micro-batch `c`: one bucket per batch; a pure function of the seed.
+    """Which samples make global micro-batch `c`: one bucket per group of `group` (the per-device batch).
 
-    The same interface as `mlx_sd.data.BatchPlan` (see the module docstring for the rules).
+    The same interface as `mlx_sd.data.BatchPlan` (see the module docstring for the rules); `batch`
+    (the global micro-batch, `group` x ranks) must be a multiple of `group`.
     """
 
-    def __init__(self, bucket_of: np.ndarray, batch: int, seed: int, flip: bool):
+    def __init__(self, bucket_of: np.ndarray, batch: int, seed: int, flip: bool, accum: int = 1,
+                 group: int | None = None):
         if len(bucket_of) == 0:
             raise DataError("no images to train on")
+        group = group or batch
+        if batch % group:
+            raise ValueError(f"global micro-batch {batch} is not a multiple of the per-device batch {group}")
         self.n, self.batch, self.seed, self.flip = len(bucket_of), batch, seed, flip
+        self.accum, self.group = accum, group
         self.members = [np.flatnonzero(bucket_of == k) for k in range(int(bucket_of.max()) + 1)]
-        self.per_epoch = sum(math.ceil(len(m) / batch) for m in self.members)
+        self.groups_per_epoch = sum(math.ceil(len(m) / group) for m in self.members)
+        self.epoch_samples = self.groups_per_epoch * group  # stream positions per epoch
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """[per_epoch, batch] sample indices of every micro-batch of `epoch`, in training order."""
+        """[groups_per_epoch, group] sample indices of every group of `epoch`, in training order."""
         if self._epoch is not None and self._epoch[0] == epoch:
             return self._epoch[1]
         rows = []
@@ -127,18 +140,25 @@ class BucketPlan:
                 continue
             # Five numbers: no other draw of the run (flips, crops, noise) uses a key of that shape.
             order = m[np.random.default_rng([self.seed, epoch, k, 3, 3]).permutation(len(m))]
-            nb = math.ceil(len(m) / self.batch)
-            rows.append(np.resize(order, nb * self.batch).reshape(nb, self.batch))  # np.resize repeats order
+            nb = math.ceil(len(m) / self.group)
+            rows.append(np.resize(order, nb * self.group).reshape(nb, self.group))  # np.resize repeats order
         batches = np.concatenate(rows)
         batches = batches[np.random.default_rng([self.seed, epoch, 4, 4, 4, 4]).permutation(len(batches))]
         self._epoch = (epoch, batches)
         return batches
 
     def __call__(self, c: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
-        epoch, j = divmod(c, self.per_epoch)
-        idx = self.epoch_batches(epoch)[j]
-        return epoch, idx, mirror_flags(self.seed, epoch, j, self.batch, self.flip)
+        """(epoch of its last sample, sample indices, mirror flags) of global micro-batch `c`."""
+        s = c * self.batch + np.arange(self.batch)
+        epochs, i = s // self.epoch_samples, s % self.epoch_samples
+        tables = {int(e): self.epoch_batches(int(e)) for e in np.unique(epochs)}
+        idx = np.array([tables[int(e)][j // self.group, j % self.group] for e, j in zip(epochs, i)], np.int64)
+        return int(epochs[-1]), idx, mirror_flags(self.seed, epochs, i, self.flip)
 
     def epoch_of(self, c: int) -> int:
-        return c // self.per_epoch
+        return ((c + 1) * self.batch - 1) // self.epoch_samples
+
+    def locate(self, c: int) -> tuple[int, int]:
+        """(update, position of its first sample in the update's global batch) of global micro-batch `c`."""
+        u, m = divmod(c, self.accum)
+        return u, m * self.batch

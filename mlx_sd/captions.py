@@ -5,9 +5,9 @@ trains the unconditional prediction classifier-free guidance uses. `--shuffle_ca
 caption at `--caption_separator` (",") into tags, keeps the first `--keep_tokens` in place,
 shuffles the rest and joins them with ", ".
 
-A variant is a pure function of (seed, global micro-batch c, position in the global batch) and
-the caption, like every other draw of the run: a resumed run draws the same variants, and so
-does a run on any number of ranks.
+A variant is a pure function of (seed, update, position in the update's global batch) and the
+caption, like every other draw of the run: a resumed run draws the same variants, and so does a
+run with any number of ranks or accumulation steps.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class CaptionVariants:
         return self.dropout > 0 or self.shuffle
 
     def __call__(self, caption: str, seed: int, c: int, position: int) -> str:
-        """The caption that sample at `position` of global micro-batch `c` trains with."""
+        """The caption that the sample at `position` of update `c`'s global batch trains with."""
         if not self.active:
             return caption
         rng = np.random.default_rng(caption_key(seed, c, position))
@@ -72,10 +72,10 @@ class CaptionVariants:
                        "not shuffled", self.keep_tokens, len(short), len(captions), example)
 
     def for_batch(self, captions: list[str], seed: int, c: int, first: int) -> list[str]:
-        """Variants of consecutive positions first, first + 1, ... of micro-batch `c`."""
+        """Variants of consecutive positions first, first + 1, ... of update `c`'s global batch."""
         return [self(cap, seed, c, first + j) for j, cap in enumerate(captions)]
 
 
 def caption_key(seed: int, c: int, position: int) -> list[int]:
-    """The generator key of the caption variant at `position` of global micro-batch `c` (see data.py)."""
+    """The generator key of the caption variant at `position` of update `c`'s global batch (see data.py)."""
     return [seed, c, position, 5, 5]

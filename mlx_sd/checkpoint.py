@@ -8,8 +8,8 @@ and, when the text encoder trains (--train_text_encoder),
     text_encoder/adapter_model.safetensors + ...      its LoRA (PEFT's folder for it)
     optimizer_text_encoder.safetensors                its AdamW state
 It is assembled in `.checkpoint-<step>.tmp-<host>-<pid>` and renamed into place; a folder named
-`checkpoint-<step>` is therefore always complete. Randomness needs no saved state: every
-micro-batch seeds MLX's generator from (seed, micro-batch index).
+`checkpoint-<step>` is therefore always complete. Randomness needs no saved state: every draw
+of a sample is keyed by (seed, update, its position in the update's global batch).
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TEXT_OPTIMIZER = "optimizer_text_encoder.safetensors"
 # A resume continues the same run: every setting saved in the checkpoint must agree, except these,
-# which do not change the trained weights (paths, display, when to save or render, memory, and the
-# number of ranks, as long as the global batch stays the same).
+# which do not change the trained weights (paths, display, when to save or render, memory, and how
+# the global batch is split into ranks, per-device batches and accumulation steps: `global_batch`,
+# and `bucket_batch` with aspect-ratio buckets, are compared instead).
 RESULT_NEUTRAL = frozenset({
     "config", "pretrained_model_name_or_path", "model_dir", "train_data_dir", "output_dir", "resume_from_checkpoint",
     "overwrite", "no_progress", "report_to", "check", "memory_limit_gb", "gradient_checkpointing", "world_size",
-    "train_batch_size", "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompts",
+    "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "validation_steps", "validation_prompts",
     "num_validation_images", "validation_inference_steps", "validation_sampler", "validation_guidance_scale",
     "no_validation", "save_fused_pipeline", "skip_nan_steps", "strict_data",
 })

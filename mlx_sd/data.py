@@ -334,23 +334,33 @@ def dataset_fingerprint(samples: list[Sample], *parts) -> str:
     return h.hexdigest()[:20]
 
 
-# Generator keys of a run's per-batch draws. Each kind has a key no other kind can produce for any
-# indices (captions.py's caption variants: [seed, c, position, 5, 5]), so no two draws are correlated.
-def flip_key(seed: int, epoch: int, j: int) -> list[int]:
-    """Mirror flags of batch `j` of `epoch`."""
-    return [seed, epoch, j, 1]
+# Generator keys of a run's per-sample draws. Each kind has a key no other kind can produce for any
+# indices (captions.py's caption variants: [seed, update, position, 5, 5]), so no two draws are correlated.
+# A training sample is named by (update, position in that update's global batch), never by micro-batch,
+# rank or accumulation step, so that any split of the same global batch draws the same values.
+def flip_key(seed: int, epoch: int, i: int) -> list[int]:
+    """Whether the sample at position `i` of `epoch`'s order is mirrored."""
+    return [seed, epoch, i, 1]
 
 
-def mirror_flags(seed: int, epoch: int, j: int, batch: int, enabled: bool) -> np.ndarray:
-    """Which samples of batch `j` of `epoch` are mirrored (each with probability 1/2; none if not `enabled`)."""
+def mirror_flags(seed: int, epochs: np.ndarray, positions: np.ndarray, enabled: bool) -> np.ndarray:
+    """Which of the samples at `positions` of `epochs`' orders are mirrored (each with probability 1/2;
+    none if not `enabled`)."""
     if not enabled:
-        return np.zeros(batch, bool)
-    return np.random.default_rng(flip_key(seed, epoch, j)).random(batch) < 0.5
+        return np.zeros(len(positions), bool)
+    return np.array([np.random.default_rng(flip_key(seed, int(e), int(i))).random() < 0.5
+                     for e, i in zip(epochs, positions)], bool)
 
 
-def crop_key(seed: int, c: int, position: int) -> list[int]:
-    """The random crop of the sample at `position` of global micro-batch `c`."""
-    return [seed, c, 2, position, 2]
+def crop_key(seed: int, update: int, position: int) -> list[int]:
+    """The random crop of the sample at `position` of update `update`'s global batch."""
+    return [seed, update, 2, position, 2]
+
+
+def step_key(seed: int, update: int, position: int) -> list[int]:
+    """The train step's draws (noise, timestep, latent sample, LoRA dropout masks) for the sample at
+    `position` of update `update`'s global batch (`mlx_sd.training.sample_keys`)."""
+    return [seed, update, position, 7, 7, 7, 7]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -359,27 +369,46 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class BatchPlan:
-    """Which samples make micro-batch `c` of the run, from any position; a pure function of the seed.
+    """Which samples make global micro-batch `c` of the run, from any position; a pure function of the seed.
 
-    `batch` is the global micro-batch (--train_batch_size x ranks): epoch = c // per_epoch, the order
-    of each epoch is `epoch_order`, and the last partial batch of an epoch is dropped.
+    The run reads the epochs' orders (`epoch_order`) one after the other as one stream of samples:
+    stream position s is sample `epoch_order(e)[s % n]` of epoch e = s // n, mirrored by its
+    `flip_key(seed, e, s % n)`. Every image is trained once per epoch; a batch may hold the end of one
+    epoch and the start of the next. `batch` is the global micro-batch (--train_batch_size x ranks)
+    and `accum` micro-batches make one update: micro-batch c holds stream positions [c*batch, (c+1)*batch),
+    i.e. positions [m*batch, (m+1)*batch) of update c // accum's global batch, m = c % accum. So the
+    samples of an update depend only on the global batch (batch x accum), however it is split into
+    ranks, per-device batches and accumulation steps.
     """
 
-    def __init__(self, n: int, batch: int, seed: int, flip: bool):
-        if n < batch:
-            raise DataError(f"{n} usable images is fewer than one global batch of {batch} "
-                            "(--train_batch_size x the number of ranks)")
-        self.n, self.batch, self.seed, self.flip = n, batch, seed, flip
-        self.per_epoch = n // batch
+    def __init__(self, n: int, batch: int, seed: int, flip: bool, accum: int = 1):
+        if n < 1:
+            raise DataError("no images to train on")
+        self.n, self.batch, self.seed, self.flip, self.accum = n, batch, seed, flip, accum
+        self.epoch_samples = n  # stream positions per epoch
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self.n, self.seed, epoch)
+        return self._orders[epoch]
 
     def __call__(self, c: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(epoch, sample indices, mirror flags) of global micro-batch `c`."""
-        epoch, j = divmod(c, self.per_epoch)
-        idx = epoch_order(self.n, self.seed, epoch)[j * self.batch:(j + 1) * self.batch]
-        return epoch, idx, mirror_flags(self.seed, epoch, j, self.batch, self.flip)
+        """(epoch of its last sample, sample indices, mirror flags) of global micro-batch `c`."""
+        s = c * self.batch + np.arange(self.batch)
+        epochs, i = s // self.n, s % self.n
+        idx = np.array([self._order(int(e))[j] for e, j in zip(epochs, i)], np.int64)
+        return int(epochs[-1]), idx, mirror_flags(self.seed, epochs, i, self.flip)
 
     def epoch_of(self, c: int) -> int:
-        return c // self.per_epoch
+        return ((c + 1) * self.batch - 1) // self.epoch_samples
+
+    def locate(self, c: int) -> tuple[int, int]:
+        """(update, position of its first sample in the update's global batch) of global micro-batch `c`."""
+        u, m = divmod(c, self.accum)
+        return u, m * self.batch
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:

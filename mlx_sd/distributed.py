@@ -1,14 +1,17 @@
 """Data-parallel training on several processes or Macs, over MLX's own `mx.distributed`.
 
 `mlx.launch` starts one process per rank (ring backend over Ethernet/Thunderbolt, MPI, JACCL);
-nothing here opens a socket. The work is split so that N ranks with batch b each compute what
-one process with batch N*b computes:
+nothing here opens a socket. The work is split so that N ranks with batch b and accumulation k
+compute what one process computes with any other split of the same global batch N*b*k (one
+process at batch b x accumulation N*k, for instance), up to float32 summation order:
 
-- Global micro-batch c holds N*b samples (`train.Batches`); rank r takes rows [r*b, (r+1)*b).
-- Every random tensor of the step (latent sample, noise, timesteps, LoRA dropout masks) is drawn
-  for the whole global batch from the same key on every rank, and each rank keeps its rows
-  (`mlx_sd.training.rows`): a sample's randomness depends on (seed, micro-batch, position in the
-  global batch), never on the rank or the number of ranks.
+- Global micro-batch c holds N*b samples (`mlx_sd.data.BatchPlan`); rank r takes rows [r*b, (r+1)*b).
+  Micro-batch m of rank r holds positions m*N*b + r*b + j of update u's global batch, and the
+  sample at position p is fixed by (seed, u, p) for any split (with aspect-ratio buckets, for
+  any split with the same b: `mlx_sd.buckets`).
+- Every random draw of a sample (latent sample, noise, timestep, LoRA dropout masks, flip, crop,
+  caption variant) is fixed by (seed, update, position), never by the rank, the micro-batch or
+  the number of ranks (`mlx_sd.training.sample_keys`).
 - Gradients are averaged once per update inside the compiled `apply_update`; the loss reported is
   the global mean (`World.mean`), so every rank takes the same branch on a non-finite loss.
 - At start-up the ranks compare digests of their code, run settings, dataset and model

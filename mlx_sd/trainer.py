@@ -4,7 +4,9 @@
 `EncodingBatches` encodes each one with the VAE and text encoder (--no_cache), decoding the next
 micro-batch's images while the current step runs. Both return `(epoch, mean, std, ctx)` for this
 rank's rows of global micro-batch `c`: posterior mean/std NHWC [b, h, w, 4], text embeddings
-[b, 77, D]; `captions(c)` gives that micro-batch's captions after caption dropout / tag shuffling.
+[b, 77, D]; `captions(c)` gives that micro-batch's captions after caption dropout / tag shuffling,
+and `positions(c)` names its samples as (update, positions in the update's global batch), the
+names every per-sample draw is keyed by (crops, caption variants, the train step's draws).
 When the text encoder trains (`token_ids`, or no text encoder for `EncodingBatches`), the 4th item
 is instead the token ids [b, 77] of `captions(c)`, which the train step embeds.
 
@@ -34,14 +36,22 @@ from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import BatchPlan, EncodedData, Sample, crop_key, preprocess
 from .distributed import World
 from .logs import FILE_ONLY
+from .training import sample_keys
 
 logger = logging.getLogger("train")
+
+
+def batch_positions(plan: BatchPlan, rows: slice, c: int) -> tuple[int, np.ndarray]:
+    """(update, positions in its global batch) of this rank's rows of global micro-batch `c`."""
+    update, first = plan.locate(c)
+    return update, first + np.arange(rows.start or 0, rows.stop)
 
 
 def batch_captions(plan: BatchPlan, rows: slice, captions: list[str], variants: CaptionVariants, c: int) -> list[str]:
     """This rank's captions of global micro-batch `c`, after the per-step variants (`mlx_sd.captions`)."""
     _, idx, _ = plan(c)
-    return variants.for_batch([captions[i] for i in idx[rows]], plan.seed, c, rows.start or 0)
+    update, positions = batch_positions(plan, rows, c)
+    return variants.for_batch([captions[i] for i in idx[rows]], plan.seed, update, int(positions[0]))
 
 
 class CachedBatches:
@@ -65,6 +75,9 @@ class CachedBatches:
 
     def captions(self, c: int) -> list[str]:
         return batch_captions(self.plan, self.rows, self.sample_captions, self.variants, c)
+
+    def positions(self, c: int) -> tuple[int, np.ndarray]:
+        return batch_positions(self.plan, self.rows, c)
 
     def text(self, c: int, idx: np.ndarray) -> mx.array:
         if self.token_ids:  # the text encoder trains: the step embeds them
@@ -107,12 +120,12 @@ class EncodingBatches:
     def pixels(self, c: int) -> np.ndarray:
         """Images of micro-batch `c`, this rank's rows; a pure function of (seed, c)."""
         _, idx, flips = self.plan(c)
-        first = self.rows.start or 0
-        # Random crops: one generator per position in the global batch, the same on any rank.
+        update, positions = self.positions(c)
+        # Random crops: one generator per (update, position in its global batch), the same on any rank.
         return np.stack([preprocess(self.samples[i].path, self.resolution, self.center_crop, bool(f),
-                                    np.random.default_rng(crop_key(self.plan.seed, c, first + j)),
+                                    np.random.default_rng(crop_key(self.plan.seed, update, int(p))),
                                     self.sizes[i] if self.sizes else None)
-                         for j, (i, f) in enumerate(zip(idx[self.rows], flips[self.rows]))])
+                         for i, f, p in zip(idx[self.rows], flips[self.rows], positions)])
 
     def __call__(self, c: int):
         epoch = self.plan.epoch_of(c)
@@ -127,6 +140,9 @@ class EncodingBatches:
 
     def captions(self, c: int) -> list[str]:
         return batch_captions(self.plan, self.rows, self.sample_captions, self.variants, c)
+
+    def positions(self, c: int) -> tuple[int, np.ndarray]:
+        return batch_positions(self.plan, self.rows, c)
 
     def close(self) -> None:
         self.loader.shutdown(wait=False, cancel_futures=True)
@@ -191,9 +207,10 @@ class Trainer:
         losses = []
         for k in range(self.s.grad_accum):
             c = step * self.s.grad_accum + k
-            mx.random.seed(self.s.seed * 1_000_003 + c)  # randomness is a function of the position
             epoch, mean, std, ctx = self.batches(c)
-            loss, acc = self.stepper.grad_step(mean, std, ctx, acc)
+            update, positions = self.batches.positions(c)  # update == step: the plan has our accumulation
+            keys = mx.array(sample_keys(self.s.seed, update, positions))
+            loss, acc = self.stepper.grad_step(mean, std, ctx, keys, acc)
             mx.eval(loss, acc)
             losses.append(loss.item())
         return float(np.mean(losses)), acc, epoch

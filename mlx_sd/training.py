@@ -3,12 +3,17 @@
 Latents are NHWC. `grad_step` adds one micro-batch's gradients to an accumulator and
 `apply_update` turns the accumulated sum into one AdamW update (mean over micro-batches, so
 batch b x accumulation k equals one batch of b*k), with global-norm clipping. Both are compiled
-with explicit state (`unet.state`, `optimizer.state`, `mx.random.state`): noise, timesteps and
-latent sampling draw from MLX's global key, which train.py seeds from (seed, micro-batch index)
-before every micro-batch, so a resumed run draws exactly what the uninterrupted one drew.
-Data-parallel (`group` of N ranks, see mlx_sd.distributed): a rank holds rows [r*b, (r+1)*b) of a
-global micro-batch of N*b, draws every random tensor for all N*b rows and keeps its own (`shard_rows`),
-and `apply_update` averages the gradients over the ranks.
+with explicit state (`unet.state`, `optimizer.state`).
+Every random draw of the step is keyed per sample: `grad_step` takes one key per sample [b, 2]
+(`sample_keys`: from seed, update and the sample's position in the update's global batch, see
+`mlx_sd.data.step_key`) as an argument, and each draw for sample i takes its own sub-key of
+key i (`PURPOSES`): latent sample, noise, offset noise, timestep, and the dropout mask of each
+LoRA layer (`lora.layers.dropout_keys`). Nothing depends on MLX's global generator, so a
+gradient-checkpointed block recomputed in the backward pass sees the forward pass's masks, a
+resumed run draws what the uninterrupted one drew, and a sample draws the same values whatever
+micro-batch, rank or accumulation step it lands in.
+Data-parallel (`group` of N ranks, see mlx_sd.distributed): each rank computes its own samples'
+gradients, and `apply_update` averages them over the ranks.
 Text-encoder LoRA (`text_encoder` + its own `text_optimizer`, the same LR schedule at its own peak
 LR): the micro-batch brings token ids [b, 77] instead of embeddings, the embeddings are computed in
 `grad_step`, and both adapters' gradients accumulate, average over ranks and clip as one vector.
@@ -17,6 +22,7 @@ LR): the micro-batch brings token ids [b, 77] instead of embeddings, the embeddi
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -24,10 +30,12 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from lora.layers import set_batch_shard
+from lora.layers import dropout_keys, lora_layers
 
+from .data import step_key
 from .schedulers import NoiseSchedule
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -120,30 +128,46 @@ def loss_fn(unet: nn.Module, latents: mx.array, ctx: mx.array, noise: mx.array, 
     return mx.mean(per_sample)
 
 
-def shard_rows(draw: Callable[[tuple], mx.array], shape: tuple, shard: tuple[int, int] = (0, 1)) -> mx.array:
-    """`draw(shape)` for this rank's rows of the global batch: rank r of n draws for all n*b rows
-    and keeps [r*b, (r+1)*b), so every sample gets the values a single process would give it."""
-    r, n = shard
-    if n == 1:
-        return draw(shape)
-    b = shape[0]
-    return draw((n * b, *shape[1:]))[r * b:(r + 1) * b]
+# The sub-keys of a sample's key, one per kind of draw (fixed: changing them changes every run).
+PURPOSES = ("latent_sample", "noise", "offset_noise", "timestep", "unet_dropout", "text_encoder_dropout")
 
 
-def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, shard: tuple[int, int] = (0, 1)):
-    noise = shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), latents.shape, shard)
+def sample_keys(seed: int, update: int, positions) -> np.ndarray:
+    """[b, 2] uint32 keys (`mx.random.key`'s form) of the samples at `positions` of update `update`'s global batch."""
+    return np.stack([np.random.SeedSequence(step_key(seed, update, int(p))).generate_state(2) for p in positions])
+
+
+def purpose_key(keys: mx.array, i: int, purpose: str) -> mx.array:
+    """Sample i's sub-key for one kind of draw."""
+    return mx.random.split(keys[i], len(PURPOSES))[PURPOSES.index(purpose)]
+
+
+def per_sample(keys: mx.array, purpose: str, draw: Callable[[mx.array], mx.array]) -> mx.array:
+    """`draw(key)` for every sample with its own sub-key, stacked: [b, ...]."""
+    return mx.stack([draw(purpose_key(keys, i, purpose)) for i in range(keys.shape[0])])
+
+
+def draw_noise(latents: mx.array, schedule: NoiseSchedule, noise_offset: float, keys: mx.array):
+    """Noise like `latents` and one timestep per sample, each sample from its own key."""
+    shape, dtype = latents.shape[1:], latents.dtype
+    noise = per_sample(keys, "noise", lambda k: mx.random.normal(shape, dtype=dtype, key=k))
     if noise_offset > 0:
-        B, _, _, C = latents.shape
-        noise = offset_noise(noise, shard_rows(lambda s: mx.random.normal(s, dtype=latents.dtype), (B, 1, 1, C), shard),
-                             noise_offset)
-    t = shard_rows(lambda s: mx.random.randint(0, schedule.num_train_timesteps, s), (latents.shape[0],), shard)
+        C = latents.shape[-1]
+        noise = offset_noise(noise, per_sample(keys, "offset_noise",
+                                               lambda k: mx.random.normal((1, 1, C), dtype=dtype, key=k)), noise_offset)
+    t = per_sample(keys, "timestep", lambda k: mx.random.randint(0, schedule.num_train_timesteps, (), key=k))
     return noise, t
 
 
-def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float, shard: tuple[int, int] = (0, 1)) -> mx.array:
-    """One draw from the VAE posterior N(mean, std^2), scaled for the UNet."""
-    eps = shard_rows(lambda s: mx.random.normal(s, dtype=mean.dtype), mean.shape, shard)
+def sample_latents(mean: mx.array, std: mx.array, scaling_factor: float, keys: mx.array) -> mx.array:
+    """One draw from the VAE posterior N(mean, std^2) per sample, scaled for the UNet."""
+    eps = per_sample(keys, "latent_sample", lambda k: mx.random.normal(mean.shape[1:], dtype=mean.dtype, key=k))
     return (mean + std * eps) * scaling_factor
+
+
+def layer_keys(keys: mx.array, purpose: str, n_layers: int) -> mx.array:
+    """[b, n_layers, 2]: sample i's dropout key for each of a model's LoRA layers (`lora.layers.dropout_keys`)."""
+    return per_sample(keys, purpose, lambda k: mx.random.split(k, n_layers))
 
 
 class LoRAModels(nn.Module):
@@ -174,36 +198,41 @@ class TrainStep:
                  draw: Callable | None = None, sample: Callable | None = None,
                  group: mx.distributed.Group | None = None, text_encoder: nn.Module | None = None,
                  text_optimizer: optim.Optimizer | None = None):
-        """`draw(latents) -> (noise, t)` and `sample(mean, std) -> latents` replace the random
-        draws (tests use per-sample deterministic ones to compare batchings). With a `group`
+        """`draw(latents, keys) -> (noise, t)` and `sample(mean, std, keys) -> latents` replace the
+        keyed draws (tests use deterministic ones). With a `group`
         this process is one rank of a data-parallel run; with a `text_encoder` (and its
         `text_optimizer`) `grad_step` takes token ids and trains its LoRA too (module docstring)."""
         if (text_encoder is None) != (text_optimizer is None):
             raise ValueError("a trained text encoder needs its own optimizer (and the reverse)")
         self.unet, self.optimizer, self.schedule = unet, optimizer, schedule
         self.text_encoder, self.text_optimizer = text_encoder, text_optimizer
-        shard = (group.rank(), group.size()) if group is not None else (0, 1)
-        set_batch_shard(unet, *shard)
-        draw = draw or (lambda lat: draw_noise(lat, schedule, loss.noise_offset, shard))
-        sample = sample or (lambda mean, std: sample_latents(mean, std, loss.scaling_factor, shard))
+        draw = draw or (lambda lat, keys: draw_noise(lat, schedule, loss.noise_offset, keys))
+        sample = sample or (lambda mean, std, keys: sample_latents(mean, std, loss.scaling_factor, keys))
         self.grad_accum = grad_accum
         if text_encoder is None:
             self.trained = unet
             value_and_grad = nn.value_and_grad(
                 unet, lambda m, lat, ctx, noise, t: loss_fn(m, lat, ctx, noise, t, schedule, loss.snr_gamma))
         else:
-            set_batch_shard(text_encoder, *shard)
             self.trained = LoRAModels(unet, text_encoder)
             value_and_grad = nn.value_and_grad(  # the embeddings are part of the differentiated step
                 self.trained, lambda m, lat, ids, noise, t: loss_fn(m.unet, lat, m.text_encoder(ids), noise, t,
                                                                     schedule, loss.snr_gamma))
         trained = self.trained
+        # Models whose LoRA layers drop out, with their dropout purpose and number of LoRA layers.
+        dropping = [(m, purpose, len(lora_layers(m))) for m, purpose in
+                    ((unet, "unet_dropout"), (text_encoder, "text_encoder_dropout"))
+                    if m is not None and any(x.dropout is not None for x in lora_layers(m).values())]
 
-        def grad_step(mean, std, ctx, acc):
-            """`ctx`: text embeddings [b, 77, D], or token ids [b, 77] when the text encoder trains."""
-            latents = sample(mean, std)
-            noise, t = draw(latents)
-            value, grads = value_and_grad(trained, latents, ctx, noise, t)
+        def grad_step(mean, std, ctx, keys, acc):
+            """`ctx`: text embeddings [b, 77, D], or token ids [b, 77] when the text encoder trains;
+            `keys`: the samples' keys [b, 2] uint32 (`sample_keys`)."""
+            latents = sample(mean, std, keys)
+            noise, t = draw(latents, keys)
+            with ExitStack() as masks:  # traced inside the step: recomputation reuses the same keys
+                for m, purpose, n in dropping:
+                    masks.enter_context(dropout_keys(m, layer_keys(keys, purpose, n)))
+                value, grads = value_and_grad(trained, latents, ctx, noise, t)
             return value, tree_map(mx.add, acc, grads)
 
         def apply_update(acc):
@@ -221,7 +250,7 @@ class TrainStep:
                 text_optimizer.update(text_encoder, grads["text_encoder"])
             return norm
 
-        state = [unet.state, optimizer.state, mx.random.state]
+        state = [unet.state, optimizer.state]
         if text_encoder is not None:
             state += [text_encoder.state, text_optimizer.state]
         self.state = state

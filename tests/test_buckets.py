@@ -108,9 +108,9 @@ def test_printed_table_and_plan():
     assert lines[-1].split()[1:3] == ["8", "5"]  # 8 images, 3 + 1 + 1 micro-batches per epoch
 
     plan = BucketPlan(of, 2, seed=5, flip=True)
-    assert plan.per_epoch == 5
+    assert plan.groups_per_epoch == 5 and plan.epoch_samples == 10
     for epoch in range(4):
-        batches = [plan(epoch * plan.per_epoch + j) for j in range(plan.per_epoch)]
+        batches = [plan(epoch * 5 + j) for j in range(5)]
         assert all(e == epoch for e, _, _ in batches)
         seen = np.concatenate([idx for _, idx, _ in batches])
         assert set(seen.tolist()) == set(range(8))  # every image at least once per epoch
@@ -195,11 +195,11 @@ def straight(tiny_mlx_dir, dataset, tmp_path_factory):
 def test_bucketed_run_batches_one_bucket_each_and_caches_per_bucket(straight, dataset):
     out, shapes, printed = straight
     print(printed)
-    table_lines = printed.split("aspect-ratio buckets (5 used; global batch 2):\n")[1].splitlines()
+    table_lines = printed.split("aspect-ratio buckets (5 used; batches of 2 per device):\n")[1].splitlines()
     assert [line.split()[:6] for line in table_lines[1:7]] == [
         ["64", "x", "192", "0.33", "1", "1"], ["64", "x", "256", "0.25", "2", "1"],
         ["128", "x", "128", "1.00", "4", "2"], ["192", "x", "64", "3.00", "1", "1"],
-        ["256", "x", "64", "4.00", "2", "1"], ["total", "10", "6", "micro-batches", "per", "epoch"]]
+        ["256", "x", "64", "4.00", "2", "1"], ["total", "10", "6", "batches", "per", "epoch"]]
     enc = np.load(next((out / "cache").glob("encoded-*.npz")))
     data = EncodedData.from_arrays(enc)
     table = [tuple(s) for s in data.bucket_size]
@@ -217,7 +217,7 @@ def test_bucketed_run_batches_one_bucket_each_and_caches_per_bucket(straight, da
         (nw, nh), box = cover_crop((w, h), (bw, bh))
         assert tuple(data.crop_ltrb[i]) == box and box[2] <= nw and box[3] <= nh
     assert "mean" not in enc.files  # no square latents at all
-    # 6 updates x 2 micro-batches (two epochs of 6), every one a single bucket of the full global batch.
+    # 6 updates x 2 micro-batches (two epochs of 6 batches), every one a single bucket.
     assert [c for c, *_ in shapes] == list(range(12))
     for c, mean_shape, std_shape, idx in shapes:
         assert len({data.bucket[i] for i in idx}) == 1, (c, idx)
@@ -236,6 +236,7 @@ def test_uncached_buckets_give_the_cached_losses(straight, tiny_mlx_dir, dataset
 
 
 def test_sigkilled_bucketed_run_resumes_exactly(straight, tiny_mlx_dir, dataset, tmp_path):
+    """Bit-identical: the killed subprocess inherits this process's environment, hence its BLAS thread count."""
     ref = straight[0]
     out = tmp_path / "run"
     args = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", out,
@@ -275,7 +276,8 @@ def test_validation_size_and_square_heldout_loss(tiny_mlx_dir, dataset, tmp_path
 
 
 def test_two_ranks_train_what_one_process_trains_with_buckets(straight, tiny_mlx_dir, dataset, tmp_path):
-    """mlx.launch, 2 ranks x batch 1 on loopback: the same global batches (one bucket each) as 1 x batch 2."""
+    """mlx.launch, 2 ranks x batch 2 x accumulation 1 on loopback: the same updates (each device's batch one
+    bucket) as 1 x batch 2 x accumulation 2. Ranks run with one BLAS thread each: compared within TOL."""
     from test_distributed import LAUNCHER, TOL, _train_cmd, adapter_difference, launch
 
     if not LAUNCHER.exists():
@@ -283,12 +285,24 @@ def test_two_ranks_train_what_one_process_trains_with_buckets(straight, tiny_mlx
     ref = straight[0]
     out = tmp_path / "two"
     cmd = _train_cmd("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, *COMMON,
-                     "--train_batch_size", 1, "--output_dir", out)
+                     "--gradient_accumulation_steps", 1, "--output_dir", out)
     log = launch(cmd)
-    assert "done: 6 steps" in log and "global batch 1 x 2 accumulation x 2 ranks" in log, log
-    assert log.count("aspect-ratio buckets (5 used; global batch 2):") == 1  # the same table, printed by rank 0
-    assert adapter_difference(ref / "lora_weights", out / "lora_weights", "buckets: 2 ranks x 1 vs 1 x 2") <= TOL
+    assert "done: 6 steps" in log and "global batch 2 x 1 accumulation x 2 ranks" in log, log
+    assert log.count("aspect-ratio buckets (5 used; batches of 2 per device):") == 1  # printed by rank 0
+    assert adapter_difference(ref / "lora_weights", out / "lora_weights",
+                              "buckets: 2 ranks x 2 x 1 vs 1 x 2 x 2") <= TOL
     want, got = _metrics(ref), _metrics(out)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s]["loss"] for s in range(1, 7)], [want[s]["loss"] for s in range(1, 7)],
                                rtol=1e-5)
+
+
+def test_bucketed_resume_keeps_the_per_device_batch(straight, tiny_mlx_dir, dataset, tmp_path, capsys):
+    """Buckets group each device's batch: a resume with another per-device batch is refused, even with the
+    same global batch (1 x 4 instead of 2 x 2), with the setting named."""
+    ck = straight[0] / "checkpoints" / "checkpoint-3"
+    args = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, *COMMON,
+            "--resume_from_checkpoint", ck]
+    assert run_train(*args, "--train_batch_size", 1, "--gradient_accumulation_steps", 4,
+                     "--output_dir", tmp_path / "a") == 2
+    assert "bucket_batch: checkpoint 2 vs now 1" in capsys.readouterr().err

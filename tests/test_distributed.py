@@ -1,9 +1,12 @@
 """Data-parallel training: train.py under `mlx.launch` (ring backend over loopback, 2 ranks).
 
-A 2-rank run with batch b per rank must train exactly what one process with batch 2b trains
-(same samples per global micro-batch, same noise/timesteps/latent draws/flips/dropout per
-sample), checkpoints must cross between the two ways of running, a rank that dies must stop
-the run with a message naming it, and ranks that disagree must not start.
+2 ranks at batch 2 x accumulation 4 must train what one process at batch 2 x accumulation 8
+trains (the same 16 images per update, each at the same position of the global batch with the
+same noise/timestep/latent draw/flip/dropout masks), checkpoints must cross between the two ways
+of running with any split of the same global batch, a rank that dies must stop the run with a
+message naming it, and ranks that disagree must not start.
+Each rank runs with one BLAS thread and the single process with this machine's default; OpenBLAS
+sums in an order that depends on the thread count, so runs are compared within TOL, not bit for bit.
 """
 
 import json
@@ -27,11 +30,14 @@ from test_training import ROOT, make_dataset, run_train
 LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="mlx.launch is not installed next to this python")
 
-# Everything random is on: latent sampling, noise, timesteps, flips, LoRA dropout; accumulation 2.
-ARGS = ["--resolution", 128, "--gradient_accumulation_steps", 2, "--random_flip", "--lr_scheduler", "cosine",
+# Everything random is on: latent sampling, noise, timesteps, flips, LoRA dropout (under gradient
+# checkpointing); 16 images per update.
+ARGS = ["--resolution", 128, "--random_flip", "--lr_scheduler", "cosine", "--gradient_checkpointing",
         "--lr_warmup_steps", 2, "--learning_rate", 1e-3, "--lora_dropout", 0.1, "--no_validation", "--seed", 11,
-        "--max_train_steps", 6, "--checkpointing_steps", 3]
-TOL = 1e-5
+        "--max_train_steps", 4, "--checkpointing_steps", 2]
+ONE = ["--train_batch_size", 2, "--gradient_accumulation_steps", 8]  # one process
+TWO = ["--train_batch_size", 2, "--gradient_accumulation_steps", 4]  # each of 2 ranks
+TOL = 1e-5  # relative L2 of the adapter
 
 
 def _free_port(n: int = 2) -> int:
@@ -111,48 +117,52 @@ def common(tiny_mlx_dir, dataset):
 
 @pytest.fixture(scope="module")
 def single(common, tmp_path_factory):
-    """One process, batch 2."""
+    """One process, batch 2 x accumulation 8."""
     out = tmp_path_factory.mktemp("single") / "run"
-    assert run_train(*common, "--train_batch_size", 2, "--output_dir", out) == 0
+    assert run_train(*common, *ONE, "--output_dir", out) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def two_ranks(common, tmp_path_factory):
-    """Two ranks, batch 1 each: the same global batch of 2."""
+    """Two ranks, batch 2 x accumulation 4 each: the same global batch of 16."""
     out = tmp_path_factory.mktemp("two") / "run"
-    log = launch(_train_cmd(*common, "--train_batch_size", 1, "--output_dir", out))
-    assert "done: 6 steps" in log, log
+    log = launch(_train_cmd(*common, *TWO, "--output_dir", out))
+    assert "done: 4 steps" in log, log
     return out, log
 
 
 def test_two_ranks_train_what_one_process_trains(single, two_ranks):
     out, log = two_ranks
-    assert "data parallel: 2 ranks; global batch 1 x 2 accumulation x 2 ranks = 4 images per update" in log
-    assert log.count("done: 6 steps") == 1  # only rank 0 reports and writes
-    assert adapter_difference(single / "lora_weights", out / "lora_weights", "2 ranks x batch 1 vs 1 x batch 2") <= TOL
+    assert "data parallel: 2 ranks; global batch 2 x 4 accumulation x 2 ranks = 16 images per update" in log
+    assert log.count("done: 4 steps") == 1  # only rank 0 reports and writes
+    assert adapter_difference(single / "lora_weights", out / "lora_weights",
+                              "2 ranks x batch 2 x accumulation 4 vs 1 x batch 2 x accumulation 8") <= TOL
     # The loss logged is the global batch's: the same as one process's, step by step.
     a, b = losses(single), losses(out)
-    assert sorted(b) == list(range(1, 7))
-    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
-    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
-    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["config"]["world_size"] == 2 and state["micro_batch"] == 6
+    assert sorted(b) == list(range(1, 5))
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["config"]["world_size"] == 2 and state["config"]["global_batch"] == 16
 
 
 def test_checkpoints_cross_between_one_and_two_ranks(common, single, two_ranks, tmp_path):
+    """Any split of the same 16 images per update continues a checkpoint: ranks, per-device batch and
+    accumulation all change here."""
     two, _ = two_ranks
-    # 2 ranks -> 1 process: continue the 2-rank run's step-3 checkpoint with batch 2.
+    # 2 ranks -> 1 process: continue the 2-rank run's step-2 checkpoint at batch 4 x accumulation 4.
     a = tmp_path / "from_two"
-    shutil.copytree(two / "checkpoints" / "checkpoint-3", tmp_path / "ck_two")
-    assert run_train(*common, "--train_batch_size", 2, "--output_dir", a,
+    shutil.copytree(two / "checkpoints" / "checkpoint-2", tmp_path / "ck_two")
+    assert run_train(*common, "--train_batch_size", 4, "--gradient_accumulation_steps", 4, "--output_dir", a,
                      "--resume_from_checkpoint", tmp_path / "ck_two") == 0
-    # 1 process -> 2 ranks: only rank 0 reads the checkpoint; the other rank gets its state from rank 0.
+    # 1 process -> 2 ranks at batch 1 x accumulation 8: only rank 0 reads the checkpoint; the other
+    # rank gets its state from rank 0.
     b = tmp_path / "from_one"
-    log = launch(_train_cmd(*common, "--train_batch_size", 1, "--output_dir", b,
-                            "--resume_from_checkpoint", single / "checkpoints" / "checkpoint-3"))
-    assert "resumed from" in log and "at step 3" in log and "done: 6 steps" in log, log
-    assert sorted(losses(b)) == [4, 5, 6]
+    log = launch(_train_cmd(*common, "--train_batch_size", 1, "--gradient_accumulation_steps", 8, "--output_dir", b,
+                            "--resume_from_checkpoint", single / "checkpoints" / "checkpoint-2"))
+    assert "resumed from" in log and "at step 2" in log and "done: 4 steps" in log, log
+    assert sorted(losses(b)) == [3, 4]
     for out, what in ((a, "2 ranks -> 1 process"), (b, "1 process -> 2 ranks")):
         assert adapter_difference(single / "lora_weights", out / "lora_weights", f"{what} vs 1 process") <= TOL
         assert adapter_difference(two / "lora_weights", out / "lora_weights", f"{what} vs 2 ranks") <= TOL
@@ -162,13 +172,13 @@ def test_a_killed_rank_stops_the_run_and_leaves_a_usable_checkpoint(common, sing
     out = tmp_path / "run"
     pids = tmp_path / "pids"
     pids.mkdir()
-    cmd = _train_cmd(*common, "--train_batch_size", 1, "--checkpointing_steps", 1, "--output_dir", out)
+    cmd = _train_cmd(*common, *TWO, "--checkpointing_steps", 1, "--output_dir", out)
     proc = launch(per_rank(f'echo $$ > {pids}/rank$MLX_RANK; exec "$@"', *cmd), wait=False)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "checkpoint-2").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, proc.communicate()
-    os.kill(int((pids / "rank1").read_text()), signal.SIGKILL)  # mid-run: 4 of 6 steps to go
+    os.kill(int((pids / "rank1").read_text()), signal.SIGKILL)  # mid-run: 2 of 4 steps to go
     stdout, stderr = proc.communicate(timeout=120)  # the whole run stops: the launcher returns
     log = stdout + stderr
     assert "rank 0: error: lost the connection to rank 1" in log, log
@@ -178,9 +188,9 @@ def test_a_killed_rank_stops_the_run_and_leaves_a_usable_checkpoint(common, sing
         os.kill(int((pids / "rank0").read_text()), 0)
 
     last = latest_checkpoint(out / "checkpoints")
-    assert 2 <= int(last.name.split("-")[1]) < 6 and str(last) in log
-    # Usable: one process (batch 2) resumes it and ends where the uninterrupted run ends.
-    assert run_train(*common, "--train_batch_size", 2, "--output_dir", out, "--resume_from_checkpoint", "latest") == 0
+    assert 2 <= int(last.name.split("-")[1]) < 4 and str(last) in log
+    # Usable: one process (batch 2 x accumulation 8) resumes it and ends where the uninterrupted run ends.
+    assert run_train(*common, *ONE, "--output_dir", out, "--resume_from_checkpoint", "latest") == 0
     assert adapter_difference(single / "lora_weights", out / "lora_weights", "killed, resumed vs 1 process") <= TOL
 
 
@@ -195,11 +205,11 @@ def test_ranks_that_differ_do_not_start(what, common, tmp_path):
         for r, beta2 in ((0, 0.999), (1, 0.99)):  # a key the command line does not set (it would win)
             (cfg / f"rank{r}.json").write_text(json.dumps({"adam_beta2": beta2}))
         cmd = per_rank(f'exec "$@" --config {cfg}/rank$MLX_RANK.json',
-                       *_train_cmd(*common, "--train_batch_size", 1, "--output_dir", out))
+                       *_train_cmd(*common, *TWO, "--output_dir", out))
     else:
         (cfg / "train.py").write_text(script.read_text() + "\n# an edit made on one Mac only\n")
         cmd = per_rank(f'test "$MLX_RANK" = 0 && s={script} || s={cfg}/train.py; exec {sys.executable} "$s" "$@"',
-                       *_train_cmd(*common, "--train_batch_size", 1, "--output_dir", out)[2:])
+                       *_train_cmd(*common, *TWO, "--output_dir", out)[2:])
     t = time.time()
     log = launch(cmd, timeout=120)
     print(f"refused in {time.time() - t:.1f}s")

@@ -21,7 +21,7 @@ from fixtures import rel_err
 from lora import LoRAConfig, inject_lora, lora_layers
 from mlx_sd.model_folder import ModelFolder
 from mlx_sd.schedulers import NoiseSchedule
-from mlx_sd.training import LossConfig, TrainStep, make_optimizer, offset_noise
+from mlx_sd.training import LossConfig, TrainStep, make_optimizer, offset_noise, sample_keys
 
 TOL = 1e-4
 R, ALPHA = 4, 8
@@ -59,9 +59,10 @@ def _ours(folder: ModelFolder, loss: LossConfig, x: dict, seed: int = 1):
     noise = offset_noise(mx.array(x["noise"]), mx.array(x["offset"]), loss.noise_offset)
     t = mx.array(x["t"].astype(np.int32))
     step = TrainStep(unet, make_optimizer(1e-4, "constant", 0, 1), NoiseSchedule(folder.scheduler_config()), loss,
-                     draw=lambda latents: (noise, t), sample=lambda mean, std: mean)
+                     draw=lambda latents, keys: (noise, t), sample=lambda mean, std, keys: mean)
     latents = mx.array(x["latents"])
-    value, grads = step.grad_step(latents, mx.zeros_like(latents), mx.array(x["ctx"]), step.zero_grads())
+    keys = mx.array(sample_keys(seed, 0, range(latents.shape[0])))  # unused: the draws above replace the step's
+    value, grads = step.grad_step(latents, mx.zeros_like(latents), mx.array(x["ctx"]), keys, step.zero_grads())
     mx.eval(value, grads)
     return float(value), {k: np.array(v) for k, v in tree_flatten(grads)}, weights
 

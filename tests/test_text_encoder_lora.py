@@ -243,16 +243,16 @@ def test_step_clips_both_and_uses_the_text_encoder_lr(tiny_mlx_dir):
     ids = mx.array(folder.tokenizer()(PROMPTS[:2]))
     noise, t = mx.array(rng.standard_normal((2, 16, 16, 4)).astype(np.float32)), mx.array([100, 700])
 
-    def draw(latents):
+    def draw(latents, keys):
         return noise, t
 
     want_loss, want_grads = nn_value_and_grad(LoRAModels(unet, te), lambda m: loss_fn(
         m.unet, mean, m.text_encoder(ids), noise, t, schedule))
     want_norm = float(np.sqrt(sum(float(mx.sum(g * g)) for _, g in tree_flatten(want_grads))))
     step = TrainStep(unet, make_optimizer(1e-2, "constant", 0, 10), schedule, LossConfig(), max_grad_norm=1e-3,
-                     draw=draw, sample=lambda m, s: m, text_encoder=te, text_optimizer=make_optimizer(1e-8, "constant",
-                                                                                                        0, 10))
-    loss, acc = step.grad_step(mean, mx.zeros_like(mean), ids, step.zero_grads())
+                     draw=draw, sample=lambda m, s, k: m, text_encoder=te,
+                     text_optimizer=make_optimizer(1e-8, "constant", 0, 10))
+    loss, acc = step.grad_step(mean, mx.zeros_like(mean), ids, mx.zeros((2, 2), mx.uint32), step.zero_grads())
     assert set(acc) == {"unet", "text_encoder"}
     norm = step.apply_update(acc)
     mx.eval(step.trained_state(), norm)

@@ -68,7 +68,7 @@ def test_lr_schedules_match_diffusers(name):
 
 def _deterministic_draws(schedule):
     """Per-sample noise/timesteps that depend only on that sample, so batchings are comparable."""
-    def draw(lat):
+    def draw(lat, keys):
         noise = mx.sin(3.0 * lat + 1.0)
         t = (mx.abs(mx.sum(lat, axis=(1, 2, 3))) * 997).astype(mx.int32) % schedule.num_train_timesteps
         return noise, t
@@ -97,11 +97,12 @@ def test_gradient_accumulation_equals_big_batch(tiny_mlx_dir):
         for layer in lora_layers(unet).values():  # non-zero B so every parameter gets a gradient
             layer.lora_B.weight = mx.random.normal(layer.lora_B.weight.shape) * 0.05
         step = TrainStep(unet, optim.SGD(learning_rate=0.1), schedule, LossConfig(), grad_accum=accum,
-                         max_grad_norm=0, draw=_deterministic_draws(schedule), sample=lambda m, s: m)
+                         max_grad_norm=0, draw=_deterministic_draws(schedule), sample=lambda m, s, k: m)
         acc = step.zero_grads()
         for k in range(accum):
             sl = slice(k * batch, (k + 1) * batch)
-            _, acc = step.grad_step(mx.array(mean[sl]), mx.zeros((batch, 16, 16, 4)), mx.array(ctx[sl]), acc)
+            keys = mx.zeros((batch, 2), mx.uint32)  # unused by these draws
+            _, acc = step.grad_step(mx.array(mean[sl]), mx.zeros((batch, 16, 16, 4)), mx.array(ctx[sl]), keys, acc)
         mx.eval(acc)
         grads.append(np.concatenate([np.array(v).ravel() / accum for _, v in tree_flatten(acc)]))
         step.apply_update(acc)
