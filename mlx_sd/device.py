@@ -8,7 +8,7 @@ value each device gets and why; `mlx-sd-doctor` and `train.py` print the table.
 Modules ask the functions below (`memory_budget_applies()`, `custom_conv_gradients()`, ...), never
 `mx.default_device()` themselves, so each branch has one switch the tests can turn:
 `MLX_SD_FORCE_GPU_BRANCHES=1` makes every choice take its GPU value while MLX still computes on
-the CPU, which is how the suite runs the GPU branches on a machine without one (README, Tests).
+the CPU, which is how the suite runs the GPU branches on a machine without one (README, "Device choices").
 Metal-only steps (reading the GPU's memory, the wired limit) ask `on_metal()`.
 """
 

@@ -266,27 +266,27 @@ class Trainer:
         try:
             while step < self.s.max_steps:
                 t0 = time.perf_counter()
+                mx.reset_peak_memory()  # each record's peak is its own step's (not encoding's, not validation's)
                 loss, acc, epoch = self.update(step)
                 loss = self.world.mean(loss)  # the global batch's loss: every rank takes the same branch
-                if not math.isfinite(loss):
-                    if not self.s.skip_nan_steps:
-                        return step, self._stop_for_nan(step, loss)
+                if math.isfinite(loss):
+                    lr = self.stepper.lr()
+                    norm = self.stepper.apply_update(acc)
+                    mx.eval(self.stepper.trained_state(), norm)
+                    step += 1
+                    dt = time.perf_counter() - t0
+                    if self.metrics:
+                        self.metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                                            "grad_norm": norm.item(), "s_per_step": dt,
+                                            "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{dt:.2f}")
+                elif not self.s.skip_nan_steps:
+                    return step, self._stop_for_nan(step, loss)
+                else:  # skipped, but the step still counts: its checkpoint, validation and stop checks run
                     self.skipped_nan += 1
                     logger.warning("step %d: non-finite loss %s, update skipped", step + 1, loss)
                     self.stepper.skip_update()
                     step += 1
-                    bar.update(1)
-                    continue
-                lr = self.stepper.lr()
-                norm = self.stepper.apply_update(acc)
-                mx.eval(self.stepper.trained_state(), norm)
-                step += 1
-                dt = time.perf_counter() - t0
-                if self.metrics:
-                    self.metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                                        "grad_norm": norm.item(), "s_per_step": dt,
-                                        "peak_memory_gb": mx.get_peak_memory() / 1e9})
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{dt:.2f}")
                 bar.update(1)
                 if self.s.checkpointing_steps and step % self.s.checkpointing_steps == 0:
                     self.checkpoint(step)

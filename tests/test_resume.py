@@ -207,9 +207,14 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_mlx_
 
     rc = run_train("--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir",
                    tmp_path / "skip",
-                   "--max_train_steps", 4, "--skip_nan_steps", *COMMON)
+                   "--max_train_steps", 4, "--skip_nan_steps", *COMMON, "--checkpointing_steps", 3)
     assert rc == 0
     assert "1 update(s) skipped" in capsys.readouterr().out
+    # the skipped step is still a step: its checkpoint is written
+    assert [s for s, _ in list_checkpoints(tmp_path / "skip" / "checkpoints")] == [3, 4]
+    steps = [json.loads(line)["step"] for line in next((tmp_path / "skip" / "logs").iterdir()).joinpath(
+        "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4]  # no record for the skipped update
 
 
 def test_validation_images_at_the_right_steps(tiny_mlx_dir, dataset, tmp_path):
