@@ -42,10 +42,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a professional product photo of black leather casual shoes, side view, white background"
-# (part, worker, share of the budget it may start measurements in, hard cap in s)
-PARTS = [("train", "train_mlx", 0.40, 150), ("train", "train_torch", 0.12, 60),
-         ("sample", "sample_mlx", 0.22, 100), ("sample", "sample_torch", 0.12, 60),
-         ("features", "features_mlx", 0.07, 40), ("features", "features_torch", 0.07, 45)]
+# (part, worker, seconds of a 400 s budget in which it may start measurements); each then has 40 s more
+# to finish. MLX's first compiled step on CUDA JIT-compiles its fused kernels (NVRTC), minutes for a
+# training step, hence the large share; the kernels are cached on disk for the workers after it.
+PARTS = [("train", "train_torch", 28), ("train", "train_mlx", 220), ("sample", "sample_mlx", 48),
+         ("sample", "sample_torch", 32), ("features", "features_mlx", 28), ("features", "features_torch", 28)]
+T0 = time.time()
+
+
+def note(msg: str) -> None:
+    """A progress line (not a figure): the parent prints it as it comes."""
+    print(f"# {time.time() - T0:6.1f} s  {msg}", flush=True)
+
+
+def watch_jit_cache(mx, every: float = 20.0) -> None:
+    """Reports every `every` s how many kernels MLX's CUDA JIT cache holds (it grows while NVRTC compiles)."""
+    import tempfile
+
+    root = Path(os.environ.get("MLX_PTX_CACHE_DIR") or Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "ptx")
+
+    def loop():
+        while True:
+            time.sleep(every)
+            n = sum(f.endswith(".ptx") for _, _, files in os.walk(root) for f in files) if root.exists() else 0
+            note(f"JIT cache: {n} kernels")
+
+    if mx.default_device().type == mx.gpu:
+        threading.Thread(target=loop, daemon=True).start()
 
 
 def shape(tiny: bool) -> dict:
@@ -65,6 +88,7 @@ def mlx_setup():
     import mlx_sd  # noqa: F401  (before mlx.core, as the product imports it)
     import mlx.core as mx
 
+    watch_jit_cache(mx)
     return mx
 
 
@@ -114,6 +138,7 @@ def train_mlx(a, sh, deadline):
 
     cfg = mlx_configs(a.tiny)
     mx.random.seed(0)
+    note("building the UNet")
     config = UNetConfig.from_diffusers(cfg["unet"])
     unet = UNet2DConditionModel(config)
     inject_lora(unet, LoRAConfig(r=8, alpha=16))
@@ -126,23 +151,27 @@ def train_mlx(a, sh, deadline):
     budget_gb = memory.weights_gb(unet) + memory.CHECKPOINTING_HEADROOM_GB
     gpu = mx.default_device().type == mx.gpu
     chunk = sh["chunk"]
-    # (label, checkpointing, budget, conv gradients, attention chunk, streams); GPU column first
-    variants = [("GPU column, ckpt off", False, False, False, 0, "default"),
-                ("GPU column, ckpt on", True, False, False, 0, "default"),
-                ("ckpt on + memory budget", True, True, False, 0, "default"),
-                ("ckpt on + own conv gradients", True, False, True, 0, "default"),
-                ("ckpt on + chunked attention", True, False, False, chunk, "default"),
-                ("ckpt on + chunked attention + budget", True, True, False, chunk, "default"),
-                ("ckpt off + own conv gradients", False, False, True, 0, "default"),
-                ("ckpt on + chunks on 2 GPU streams", True, False, False, chunk, "gpu2")]
+    # (label, checkpointing, budget, conv gradients, attention chunk, streams, compiled). The uncompiled
+    # step first: it needs few JIT kernels, so a figure comes even if the compiled step's JIT runs long.
+    variants = [("GPU column, ckpt on, not compiled", True, False, False, 0, "default", False),
+                ("GPU column, ckpt on", True, False, False, 0, "default", True),
+                ("ckpt on + memory budget", True, True, False, 0, "default", True),
+                ("ckpt on + own conv gradients", True, False, True, 0, "default", True),
+                ("ckpt on + chunked attention", True, False, False, chunk, "default", True),
+                ("ckpt on + chunks on 2 GPU streams", True, False, False, chunk, "gpu2", True),
+                ("GPU column, ckpt off", False, False, False, 0, "default", True),
+                ("ckpt on + chunked attention + budget", True, True, False, chunk, "default", True)]
     if gpu:  # two CPU streams would run the attention on the CPU: not a GPU option, so the GPU's one stream
-        variants.append(("CPU column on the GPU's stream (budget, conv, chunks)", True, True, True, chunk, "default"))
+        variants.append(("CPU column on the GPU's stream (budget, conv, chunks)", True, True, True, chunk, "default",
+                         True))
     else:
-        variants.append(("CPU column (budget, conv, chunks, 2 CPU streams)", True, True, True, chunk, "cpu2"))
+        variants.append(("CPU column (budget, conv, chunks, 2 CPU streams)", True, True, True, chunk, "cpu2", True))
+    variants.append(("ckpt off + own conv gradients", False, False, True, 0, "default", True))
     last = 0.0
-    for label, ckpt, budget, conv, ch, streams in variants:
+    for label, ckpt, budget, conv, ch, streams, compiled in variants:
         row = {"part": "train", "side": "mlx", "name": label, "checkpointing": ckpt, "budget": budget,
-               "conv_gradients": conv, "attention_chunk": ch, "streams": streams, **mlx_meta(mx)}
+               "conv_gradients": conv, "attention_chunk": ch, "streams": streams, "compiled": compiled,
+               **mlx_meta(mx)}
         if streams == "gpu2" and not gpu:
             emit({**row, "skipped": "no GPU stream on this device"})
             continue
@@ -157,7 +186,8 @@ def train_mlx(a, sh, deadline):
             if budget:
                 limit = memory.set_budget(budget_gb)
                 row["budget_gb"] = budget_gb
-            step = TrainStep(unet, make_optimizer(1e-4, "constant", 0, 100), schedule, LossConfig())
+            step = TrainStep(unet, make_optimizer(1e-4, "constant", 0, 100), schedule, LossConfig(),
+                             compile=compiled)
             mx.clear_cache()
             mx.random.seed(1)
             warmup, timed = sh["warmup"], sh["timed"]
@@ -170,8 +200,10 @@ def train_mlx(a, sh, deadline):
                 norm = step.apply_update(acc)
                 mx.eval(loss, norm, unet.trainable_parameters(), step.optimizer.state)
                 times.append(time.perf_counter() - t)
-                if i == 0 and time.time() > deadline:  # late: one timed step, no warm-up
-                    warmup, timed = 0, 1
+                if i == 0:
+                    note(f"{label}: first step {times[0]:.1f} s")
+                    if time.time() > deadline:  # late: one timed step, no warm-up
+                        warmup, timed = 0, 1
             steady = times[1 + warmup:] or times[1:] or times
             row.update(s_step=statistics.median(steady), first_s=times[0], times=times,
                        peak_gb=mx.get_peak_memory() / 1e9, loss=float(loss.item()),
@@ -209,7 +241,7 @@ def sample_mlx(a, sh, deadline):
     n, size = sh["sample_batch"], sh["size"]
     kw = {"guidance_scale": 7.5, "sampler": "pndm", "height": size, "width": size, "output_type": "np"}
     last = 0.0
-    for dtype in ("float32", "float16"):
+    for dtype in a.mlx_sample_dtypes:
         for compiled in (True, False):
             row = {"part": "sample", "side": "mlx", "dtype": dtype, "compiled": compiled,
                    "name": f"{dtype}{', compiled' if compiled else ''}", "batch": n, "steps": sh["steps"],
@@ -224,6 +256,7 @@ def sample_mlx(a, sh, deadline):
                 t = time.perf_counter()
                 sd.generate([PROMPT] * n, steps=2, seed=0, **kw)  # compiles, warms the decoder
                 warm = time.perf_counter() - t
+                note(f"{row['name']}: warm-up {warm:.1f} s")
                 mx.reset_peak_memory()
                 t = time.perf_counter()
                 _, z = sd.generate([PROMPT] * n, steps=sh["steps"], seed=1, return_latents=True, **kw)
@@ -338,21 +371,23 @@ def train_torch(a, sh, deadline):
 
     cfg = torch_configs(a.tiny)
     h, b = sh["size"] // 8, sh["batch"]
+    torch.manual_seed(0)
+    with torch.device(dev):  # random init on the device: seconds instead of a CPU init and a copy
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        params, _ = add_lora(unet, False)
+    sched = DDPMScheduler.from_config(cfg["scheduler"])
+    latents = torch.randn(b, 4, h, h, device=dev)
+    ctx = torch.randn(b, 77, cfg["unet"]["cross_attention_dim"], device=dev)
     for label, ckpt, tf32 in (("ckpt off", False, False), ("ckpt on", True, False),
                               ("ckpt off, TF32 matmuls", False, True)):
         row = {"part": "train", "side": "torch", "name": label, "checkpointing": ckpt, **meta, "tf32_matmul": tf32}
-        if time.time() + 10 > deadline:
+        if time.time() + 5 > deadline:
             emit({**row, "skipped": "out of time"})
             continue
         try:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.manual_seed(0)
-            unet = UNet2DConditionModel.from_config(cfg["unet"])
-            params, opt = add_lora(unet, ckpt)
-            unet.to(dev)
-            sched = DDPMScheduler.from_config(cfg["scheduler"])
-            latents = torch.randn(b, 4, h, h, device=dev)
-            ctx = torch.randn(b, 77, cfg["unet"]["cross_attention_dim"], device=dev)
+            unet.enable_gradient_checkpointing() if ckpt else unet.disable_gradient_checkpointing()
+            opt = torch.optim.AdamW(params, lr=1e-4)  # as add_lora makes it
             times = []
             for i in range(1 + sh["warmup"] + sh["timed"]):
                 if i == 1:
@@ -364,7 +399,7 @@ def train_torch(a, sh, deadline):
             row.update(s_step=statistics.median(times[1 + sh["warmup"]:]), first_s=times[0], times=times,
                        peak_gb=peak_gb(torch, dev), loss=float(loss.item()),
                        trainable=sum(p.numel() for p in params))
-            del unet, params, opt
+            del opt
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         if dev == "cuda":
@@ -383,12 +418,13 @@ def sample_torch(a, sh, deadline):
 
     cfg = torch_configs(a.tiny)
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        tokenizer=CLIPTokenizer.from_pretrained(SD15 / "tokenizer"),
-        scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with torch.device(dev):
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+            tokenizer=CLIPTokenizer.from_pretrained(SD15 / "tokenizer"),
+            scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     n, size = sh["sample_batch"], sh["size"]
     kw = {"guidance_scale": 7.5, "height": size, "width": size, "output_type": "np"}
@@ -449,7 +485,8 @@ def features_torch(a, sh, deadline):
             continue
         try:
             torch.manual_seed(0)
-            model, f, size = make()
+            with torch.device(dev):
+                model, f, size = make()
             model.to(dev).eval()
             x = torch.rand(sh["feature_batch"], 3, size, size, device=dev) * 2 - 1
             reset_peak(torch, dev)
@@ -477,7 +514,7 @@ def run_worker(name: str, args, cap_s: float, start_by: float, log, on_row) -> l
     """Runs one worker in its own process, passing each row to `on_row` as it comes; returns the
     rows about the worker itself (stopped at its cap, or crashed)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--deadline", str(start_by)]
-    cmd += ["--tiny"] if args.tiny else []
+    cmd += (["--tiny"] if args.tiny else []) + ["--mlx_sample_dtypes", *args.mlx_sample_dtypes]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -499,6 +536,8 @@ def run_worker(name: str, args, cap_s: float, start_by: float, log, on_row) -> l
         if line.startswith("{"):
             last = json.loads(line)
             on_row(last)
+        elif line.startswith("#"):
+            print(f"  {name} {line.rstrip()}", flush=True)
     proc.wait()
     time.sleep(0.2)  # let the stderr thread finish reading
     log.write(f"==== {name} (exit {proc.returncode})\n{''.join(err)}")
@@ -585,7 +624,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px (checks the script on a CPU)")
     p.add_argument("--out", default=None, help="JSON file of the figures (default: $OUT/gpu_proxy.json, else ./)")
-    p.add_argument("--budget_s", type=float, default=260, help="seconds for the whole run")
+    p.add_argument("--budget_s", type=float, default=400, help="seconds for the whole run")
+    p.add_argument("--mlx_sample_dtypes", nargs="+", default=["float32", "float16"], help="MLX sampling precisions")
     p.add_argument("--parts", nargs="+", default=["train", "sample", "features"], help="which parts to run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -599,15 +639,15 @@ def main(argv=None):
     res = {"shape": sh, "tiny": args.tiny, "budget_s": args.budget_s, "workers": {}}
     t0 = time.time()
     with open(out.with_suffix(".stderr.txt"), "w") as log:
-        for part, name, share, cap in PARTS:
+        for part, name, share in PARTS:
             if part not in args.parts:
                 continue
             left = args.budget_s - (time.time() - t0)
             if left < 10:
                 res["workers"][name] = [{"worker": name, "skipped": "out of time"}]
                 continue
-            # Measurements may start until this part's share of the budget is used, then it has 30 s to finish.
-            start_by = time.time() + min(share * args.budget_s, left - 10)
+            # Measurements may start until this part's share of the budget is used, then it has 40 s to finish.
+            start_by = time.time() + min(share * args.budget_s / 400, left - 10)
             print(f"{name}: up to {start_by - time.time():.0f} s", flush=True)
             rows = res["workers"][name] = []
 
@@ -616,7 +656,7 @@ def main(argv=None):
                 show(r)
                 save(res, out, t0)
 
-            rows += run_worker(name, args, min(cap, left), start_by, log, on_row)
+            rows += run_worker(name, args, min(start_by - time.time() + 40, left), start_by, log, on_row)
             save(res, out, t0)
     save(res, out, t0)
     print("\n".join(tables(res)))
