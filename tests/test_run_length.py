@@ -5,6 +5,7 @@ stepped to the checkpoint's step)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -33,12 +34,23 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("length") / "data", n=4)
 
 
-def test_a_finished_run_continues_to_more_steps(tiny_mlx_dir, dataset, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", out,
+def _args(model, dataset, out):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", dataset, "--output_dir", out,
             "--checkpointing_steps", 4, *COMMON]
-    assert run_train(*args, "--max_train_steps", 4) == 0
-    capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_mlx_dir, dataset, tmp_path_factory):
+    """A finished 4-step run; each test continues a copy of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run_train(*_args(tiny_mlx_dir, dataset, out), "--max_train_steps", 4) == 0
+    return out
+
+
+def test_a_finished_run_continues_to_more_steps(finished, tiny_mlx_dir, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    args = _args(tiny_mlx_dir, dataset, out)
     assert run_train(*args, "--max_train_steps", 6, "--resume_from_checkpoint", "latest") == 0
     said = capsys.readouterr().out
     assert "run length changed: --max_train_steps 6 (checkpoint: 4)" in said
@@ -56,12 +68,10 @@ def test_a_finished_run_continues_to_more_steps(tiny_mlx_dir, dataset, tmp_path,
     assert [r["step"] for r in run_history(out / "logs") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_shorter_length_than_the_checkpoint_is_refused(tiny_mlx_dir, dataset, tmp_path, capsys):
+def test_a_shorter_length_than_the_checkpoint_is_refused(finished, tiny_mlx_dir, dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--pretrained_model_name_or_path", tiny_mlx_dir, "--train_data_dir", dataset, "--output_dir", out,
-            "--checkpointing_steps", 4, *COMMON]
-    assert run_train(*args, "--max_train_steps", 4) == 0
-    capsys.readouterr()
+    shutil.copytree(finished, out)
+    args = _args(tiny_mlx_dir, dataset, out)
     assert run_train(*args, "--max_train_steps", 3, "--resume_from_checkpoint", "latest") != 0
     err = capsys.readouterr().err
     assert "is at step 4, past the 3 steps of --max_train_steps 3 (checkpoint: 4)" in err
